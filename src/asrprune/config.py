@@ -1,0 +1,394 @@
+"""Frozen, validated specs and their YAML form: pruning plans.
+
+A pruning **plan** maps component selectors (see :mod:`asrprune.components`) to sparsities.
+
+Command-line form (``--plan``)::
+
+    decoder.self_attn=0.5,encoder.layers[-4:]=0.5
+    decoder.ffn=0.3@matrix            # scope per entry: @component (default) or @matrix
+    decoder.ffn=2:4                   # N:M semi-structured pattern (sparsity 1 - N/M)
+
+- Entries are separated by ``,`` or ``;`` or newlines. A ``,`` inside ``[...]``, ``(...)`` or
+  ``{...}`` does not separate (so ``layers[0,2]`` and ``re:fc[12]{1,2}`` work). When an entry
+  itself needs a top-level comma, separate the entries with ``;``: if the text contains a ``;``,
+  only ``;`` and newlines separate.
+- Each entry is ``SELECTOR=VALUE[@SCOPE]``, split at the *last* ``=`` (regexes may contain
+  ``=``). ``VALUE`` is a fraction in [0, 1] (``0.5``, never ``50``/``50%``) or an ``N:M`` pattern.
+
+YAML form (unknown keys are errors)::
+
+    mode: per_entry          # or: global
+    score: magnitude
+    name: paper-40.8         # optional label
+    entries:
+      - {selector: decoder.self_attn, sparsity: 0.5}
+      - {selector: late_encoder, sparsity: 0.5, scope: matrix}
+      - {selector: decoder.ffn, pattern: "2:4"}
+
+Scopes:
+
+- ``component`` (default): one magnitude threshold pooled over all parameters the entry
+  selects: the paper's tau(rho, c), ``torch.nn.utils.prune.global_unstructured``.
+- ``matrix``: every selected tensor is pruned to the entry's sparsity on its own
+  (``l1_unstructured`` per matrix).
+- plan ``mode: global``: one threshold pooled over the parameters of *every* entry; valid only
+  when all entries share one sparsity and none has a pattern ("global magnitude 40%"); the
+  entries' scopes are then ignored. A single ``all_linear=0.4`` entry of scope ``component`` is
+  the same pooled threshold.
+- ``pattern: "N:M"``: keep N of every M consecutive weights along the input dimension of each
+  matrix; the entry's scope does not apply (the pattern is per row group by construction).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+__all__ = ["PlanEntry", "PrunePlan", "PlanError", "SCOPES", "MODES", "SCORES"]
+
+SCOPES = ("component", "matrix")
+MODES = ("per_entry", "global")
+SCORES = ("magnitude", "taylor", "obd", "fisher", "gradient", "wanda", "random", "custom")
+
+
+class PlanError(ValueError):
+    """A pruning plan (CLI text, YAML file or constructor arguments) is invalid."""
+
+
+def _check_fraction(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PlanError(f"{what} must be a number in [0, 1], got {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or not 0.0 <= v <= 1.0:
+        hint = " (sparsities are fractions: write 0.5 for 50%)" if 1.0 < v <= 100.0 else ""
+        raise PlanError(f"{what} must be in [0, 1], got {value!r}{hint}")
+    return v
+
+
+def _parse_pattern(pattern: str, what: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
+    if not m:
+        raise PlanError(f"{what} must look like '2:4' (keep N of every M), got {pattern!r}")
+    n, mm = int(m.group(1)), int(m.group(2))
+    if not 1 <= n < mm:
+        raise PlanError(f"{what} {pattern!r} needs 1 <= N < M, e.g. '2:4' or '4:8'")
+    return n, mm
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """One line of a plan: prune what ``selector`` names to ``sparsity``.
+
+    Attributes:
+        selector: a selector of :mod:`asrprune.components` (``"decoder.self_attn"``).
+        sparsity: fraction in [0, 1] to zero. With a ``pattern`` it may be ``None`` and is then
+            set to ``1 - N/M``; a given value must equal that.
+        scope: ``"component"`` (one threshold pooled over the selection, the default) or
+            ``"matrix"`` (each tensor on its own).
+        pattern: ``"N:M"`` semi-structured pattern or ``None``.
+
+    Raises:
+        PlanError (ValueError): on any invalid field, naming the field and the allowed values.
+    """
+
+    selector: str
+    sparsity: float | None
+    scope: str = "component"
+    pattern: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.selector, str) or not self.selector.strip():
+            raise PlanError(f"plan entry selector must be a non-empty string, got {self.selector!r}")
+        object.__setattr__(self, "selector", self.selector.strip())
+        what = f"plan entry {self.selector!r}"
+        if self.scope not in SCOPES:
+            raise PlanError(f"{what}: scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
+        if self.pattern is not None:
+            n, m = _parse_pattern(self.pattern, f"{what}: pattern")
+            object.__setattr__(self, "pattern", f"{n}:{m}")
+            implied = 1.0 - n / m
+            if self.sparsity is None:
+                object.__setattr__(self, "sparsity", implied)
+            else:
+                s = _check_fraction(self.sparsity, f"{what}: sparsity")
+                if abs(s - implied) > 1e-9:
+                    raise PlanError(
+                        f"{what}: sparsity {self.sparsity} contradicts pattern {n}:{m}, which "
+                        f"prunes exactly {implied:g}; give only the pattern"
+                    )
+                object.__setattr__(self, "sparsity", implied)
+        else:
+            if self.sparsity is None:
+                raise PlanError(f"{what}: sparsity is missing (or give a pattern such as '2:4')")
+            object.__setattr__(self, "sparsity", _check_fraction(self.sparsity, f"{what}: sparsity"))
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """``(n, m)`` of the pattern, or ``None``."""
+        if self.pattern is None:
+            return None
+        n, m = self.pattern.split(":")
+        return int(n), int(m)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON/YAML-able form; ``pattern`` only when set."""
+        d: dict[str, Any] = {"selector": self.selector, "sparsity": self.sparsity, "scope": self.scope}
+        if self.pattern is not None:
+            d["pattern"] = self.pattern
+        return d
+
+    def to_text(self) -> str:
+        """The CLI form: ``selector=0.5``, ``selector=0.5@matrix`` or ``selector=2:4``."""
+        if self.pattern is not None:
+            return f"{self.selector}={self.pattern}"
+        scope = "" if self.scope == "component" else f"@{self.scope}"
+        return f"{self.selector}={self.sparsity:g}{scope}" if _short_ok(self.sparsity) else (
+            f"{self.selector}={self.sparsity!r}{scope}"
+        )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, where: str = "plan entry") -> "PlanEntry":
+        """Build from a mapping with keys selector, sparsity, scope, pattern.
+
+        Raises:
+            PlanError: unknown or missing keys, invalid values.
+        """
+        if not isinstance(data, Mapping):
+            raise PlanError(f"{where} must be a mapping with a selector and a sparsity, got {data!r}")
+        allowed = {"selector", "sparsity", "scope", "pattern"}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise PlanError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}; allowed: {', '.join(sorted(allowed))}")
+        if "selector" not in data:
+            raise PlanError(f"{where}: 'selector' is missing")
+        pattern = data.get("pattern")
+        return cls(
+            selector=data["selector"],
+            sparsity=data.get("sparsity"),
+            scope=data.get("scope", "component"),
+            pattern=None if pattern is None else str(pattern),
+        )
+
+
+def _short_ok(x: float | None) -> bool:
+    return x is not None and float(f"{x:g}") == x
+
+
+def _split_entries(text: str) -> list[str]:
+    """Split plan text into entries at top-level separators (see the module docstring)."""
+    seps = ";\n" if ";" in text else ",;\n"
+    out, cur, depth = [], [], 0
+    for ch in text:
+        if ch in "[({":
+            depth += 1
+        elif ch in "])}":
+            depth = max(0, depth - 1)
+        if ch in seps and (depth == 0 or ch in ";\n"):
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    out.append("".join(cur))
+    return [e.strip() for e in out if e.strip()]
+
+
+def _parse_entry(item: str) -> PlanEntry:
+    if "=" not in item:
+        raise PlanError(
+            f"plan entry {item!r} has no '='; write SELECTOR=SPARSITY, e.g. decoder.self_attn=0.5"
+        )
+    selector, value = item.rsplit("=", 1)
+    value = value.strip()
+    scope = "component"
+    if "@" in value:
+        value, scope = (v.strip() for v in value.split("@", 1))
+    if not selector.strip():
+        raise PlanError(f"plan entry {item!r} has no selector before '='")
+    if ":" in value:
+        return PlanEntry(selector, None, scope=scope, pattern=value)
+    text = value[:-1] if value.endswith("%") else value
+    try:
+        sparsity = float(text)
+    except ValueError:
+        raise PlanError(
+            f"plan entry {item!r}: {value!r} is not a sparsity; write a fraction in [0, 1] "
+            "(e.g. 0.5) or an N:M pattern (e.g. 2:4)"
+        ) from None
+    if value.endswith("%"):
+        raise PlanError(
+            f"plan entry {item!r}: sparsities are fractions, write {sparsity / 100:g} for {value}"
+        )
+    return PlanEntry(selector, sparsity, scope=scope)
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """A validated pruning plan: entries plus how their thresholds are formed.
+
+    Attributes:
+        entries: one or more :class:`PlanEntry`; selectors must be distinct strings (that two
+            *different* selectors reach the same parameter is checked against the model by
+            :func:`asrprune.prune.prune_model`, which raises).
+        mode: ``"per_entry"`` (each entry on its own, the default) or ``"global"`` (one
+            threshold pooled over all entries; needs one shared sparsity and no patterns).
+        score: name of the per-weight score (``"magnitude"``, or the name of a scorer passed to
+            ``prune_model``, e.g. ``"taylor"``); recorded in results.
+        name: optional label for reports.
+
+    Raises:
+        PlanError (ValueError): invalid fields, duplicate selectors, or a global plan whose
+            entries differ in sparsity or use patterns.
+    """
+
+    entries: tuple[PlanEntry, ...]
+    mode: str = "per_entry"
+    score: str = "magnitude"
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        entries = self.entries
+        if isinstance(entries, (PlanEntry, str)) or not isinstance(entries, Iterable):
+            raise PlanError(f"plan entries must be a sequence of PlanEntry, got {entries!r}")
+        entries = tuple(entries)
+        if not entries:
+            raise PlanError("a pruning plan needs at least one entry")
+        for e in entries:
+            if not isinstance(e, PlanEntry):
+                raise PlanError(f"plan entries must be PlanEntry objects, got {e!r}")
+        object.__setattr__(self, "entries", entries)
+        seen: set[str] = set()
+        for e in entries:
+            if e.selector in seen:
+                raise PlanError(f"selector {e.selector!r} appears twice in the plan")
+            seen.add(e.selector)
+        if self.mode not in MODES:
+            raise PlanError(f"plan mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.score not in SCORES:
+            raise PlanError(f"plan score must be one of {', '.join(SCORES)}, got {self.score!r}")
+        if not isinstance(self.name, str):
+            raise PlanError(f"plan name must be a string, got {self.name!r}")
+        if self.mode == "global":
+            patterned = [e.selector for e in entries if e.pattern is not None]
+            if patterned:
+                raise PlanError(
+                    f"mode 'global' pools one threshold over all entries and cannot use N:M "
+                    f"patterns (entries {', '.join(patterned)})"
+                )
+            sparsities = sorted({e.sparsity for e in entries})  # type: ignore[type-var]
+            if len(sparsities) > 1:
+                raise PlanError(
+                    "mode 'global' needs one sparsity shared by all entries, got "
+                    + ", ".join(f"{e.selector}={e.sparsity:g}" for e in entries)
+                )
+
+    # -- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def parse(cls, text: str, *, mode: str = "per_entry", score: str = "magnitude", name: str = "") -> "PrunePlan":
+        """Parse the CLI form, e.g. ``"decoder.self_attn=0.5,encoder.layers[-4:]=0.5"``.
+
+        Raises:
+            PlanError: malformed text or invalid values (the message quotes the entry).
+        """
+        if not isinstance(text, str) or not text.strip():
+            raise PlanError("--plan is empty; write e.g. decoder.self_attn=0.5,late_encoder=0.5")
+        entries = tuple(_parse_entry(item) for item in _split_entries(text))
+        return cls(entries, mode=mode, score=score, name=name)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "plan") -> "PrunePlan":
+        """Build from the YAML/JSON mapping form (see the module docstring).
+
+        ``entries`` may also be a mapping ``{selector: sparsity}`` for short hand-written plans.
+
+        Raises:
+            PlanError: unknown keys, missing entries, invalid values; the message names ``source``.
+        """
+        if not isinstance(data, Mapping):
+            raise PlanError(f"{source}: a plan must be a mapping with 'entries', got {type(data).__name__}")
+        allowed = {"entries", "mode", "score", "name"}
+        unknown = sorted(map(str, set(data) - allowed))
+        if unknown:
+            raise PlanError(f"{source}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+        if "entries" not in data:
+            raise PlanError(f"{source}: 'entries' is missing")
+        raw = data["entries"]
+        try:
+            if isinstance(raw, Mapping):
+                entries = tuple(
+                    PlanEntry(str(k), None, pattern=str(v)) if isinstance(v, str) and ":" in v else PlanEntry(str(k), v)
+                    for k, v in raw.items()
+                )
+            elif isinstance(raw, list):
+                entries = tuple(
+                    PlanEntry.from_dict(e, where=f"{source}: entries[{i}]") for i, e in enumerate(raw)
+                )
+            else:
+                raise PlanError(f"{source}: 'entries' must be a list (or a selector: sparsity mapping)")
+            return cls(
+                entries,
+                mode=data.get("mode", "per_entry"),
+                score=data.get("score", "magnitude"),
+                name=data.get("name", "") or "",
+            )
+        except PlanError as exc:
+            msg = str(exc)
+            raise PlanError(msg if msg.startswith(source) else f"{source}: {msg}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "PrunePlan":
+        """Read a plan from a YAML file.
+
+        Raises:
+            FileNotFoundError: the file does not exist (named in the message).
+            PlanError: invalid YAML or plan, naming the file.
+        """
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"plan file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise PlanError(f"{p}: not valid YAML: {exc}") from None
+        return cls.from_dict(data if data is not None else {}, source=str(p))
+
+    @classmethod
+    def load(cls, spec: str | os.PathLike, **kwargs: Any) -> "PrunePlan":
+        """A plan from a YAML path (``*.yaml``/``*.yml`` or an existing file) or CLI text.
+
+        ``kwargs`` (mode, score, name) apply to CLI text only.
+        """
+        text = os.fspath(spec)
+        if text.endswith((".yaml", ".yml")) or (("=" not in text) and Path(text).is_file()):
+            return cls.from_yaml(text)
+        return cls.parse(text, **kwargs)
+
+    # -- output ------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON/YAML-able form that :meth:`from_dict` reads back."""
+        d: dict[str, Any] = {"mode": self.mode, "score": self.score}
+        if self.name:
+            d["name"] = self.name
+        d["entries"] = [e.to_dict() for e in self.entries]
+        return d
+
+    def to_yaml(self) -> str:
+        """YAML text that :meth:`from_yaml` reads back into an equal plan."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+    def to_text(self) -> str:
+        """The CLI form (``;``-separated when a selector contains a top-level comma)."""
+        parts = [e.to_text() for e in self.entries]
+        sep = ";" if any("," in p for p in parts) else ","
+        return sep.join(parts)
+
+    @property
+    def selectors(self) -> tuple[str, ...]:
+        return tuple(e.selector for e in self.entries)

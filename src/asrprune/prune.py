@@ -1,0 +1,468 @@
+"""One-shot pruning of a Whisper model by plan: select -> score -> mask -> apply -> measure.
+
+:func:`prune_model` assembles four small roles, each kept apart so it can be swapped or tested
+on its own:
+
+1. *selection* (:func:`asrprune.components.select_parameters`): which parameters each plan
+   entry names; two entries reaching the same parameter is an error (there is no precedence
+   rule: name disjoint parts, e.g. ``decoder.layers[0].ffn`` and ``decoder.layers[1:].ffn``);
+2. *scoring* (a :data:`Scorer`): one importance score per weight, ``|w|`` by default, or any
+   per-weight score such as Taylor ``|w * dL/dw|`` or OBD ``w^2 * F / 2`` via :func:`dict_scorer`;
+3. *masking* (:mod:`asrprune.masks`): exact-count keep-masks per matrix (scope ``matrix``),
+   pooled over an entry (scope ``component``), pooled over the whole plan (mode ``global``),
+   or N:M;
+4. *application*: weights outside the keep-mask are set to zero in place (no
+   ``torch.nn.utils.prune`` re-parametrisation remains, so the model saves like any other).
+
+Afterwards the model is *measured*, not trusted: :class:`PruneResult` holds the measured
+sparsity of every entry, component and kind, overall over all parameters and over the linear
+weights (both, always), and the non-zero counts. Unstructured zeros do not make inference faster
+without sparse kernels; N:M 2:4 can, on GPUs that support it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .components import (
+    LINEAR,
+    list_components,
+    select_parameters,
+    tied_parameters,
+)
+from .config import PlanError, PrunePlan
+from .masks import (
+    apply_keep_mask_,
+    keep_mask,
+    nm_keep_mask,
+    pooled_keep_masks,
+)
+
+__all__ = [
+    "Scorer",
+    "magnitude_scorer",
+    "dict_scorer",
+    "resolve_plan",
+    "prune_model",
+    "measure_model",
+    "SparsityStats",
+    "EntryResult",
+    "ModelSparsity",
+    "PruneResult",
+]
+
+log = logging.getLogger(__name__)
+
+Scorer = Callable[[str, Tensor], Tensor]
+"""``scorer(parameter_name, parameter) -> scores`` of the parameter's shape; low = pruned first."""
+
+
+def magnitude_scorer(name: str, param: Tensor) -> Tensor:
+    """``|w|``: magnitude pruning (``l1_unstructured`` / ``global_unstructured``)."""
+    return param.detach().abs()
+
+
+magnitude_scorer.score_name = "magnitude"  # type: ignore[attr-defined]
+
+
+def dict_scorer(scores: Mapping[str, Tensor], *, name: str = "custom") -> Scorer:
+    """A scorer that looks up precomputed per-weight scores, e.g. from a sensitivity analysis.
+
+    Args:
+        scores: parameter name -> score tensor of that parameter's shape (Taylor ``|w g|``, OBD
+            ``w^2 F / 2``, ...). Only the selected parameters need an entry.
+        name: the score's name, recorded in the result (``"taylor"``, ``"obd"``, ...).
+
+    Returns:
+        A :data:`Scorer`; it raises ``ValueError`` for a selected parameter without a score.
+    """
+
+    def scorer(param_name: str, param: Tensor) -> Tensor:
+        if param_name not in scores:
+            raise ValueError(
+                f"the {name} scores have no entry for parameter {param_name}; "
+                f"they cover {len(scores)} parameters"
+            )
+        return scores[param_name]
+
+    scorer.score_name = name  # type: ignore[attr-defined]
+    return scorer
+
+
+# --------------------------------------------------------------------------------------------
+# results
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SparsityStats:
+    """Counts over a set of tensors: ``numel`` entries, ``nonzero`` of them non-zero."""
+
+    numel: int
+    nonzero: int
+
+    @property
+    def zeros(self) -> int:
+        return self.numel - self.nonzero
+
+    @property
+    def sparsity(self) -> float:
+        """Measured fraction of zeros (0.0 for an empty set)."""
+        return self.zeros / self.numel if self.numel else 0.0
+
+    def __add__(self, other: "SparsityStats") -> "SparsityStats":
+        return SparsityStats(self.numel + other.numel, self.nonzero + other.nonzero)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"numel": self.numel, "nonzero": self.nonzero, "sparsity": self.sparsity}
+
+
+_EMPTY = SparsityStats(0, 0)
+
+
+def _stats(tensors) -> SparsityStats:
+    numel = nonzero = 0
+    for t in tensors:
+        numel += t.numel()
+        nonzero += int(torch.count_nonzero(t.detach()))
+    return SparsityStats(numel, nonzero)
+
+
+@dataclass(frozen=True)
+class ModelSparsity:
+    """Measured zeros of a whole model.
+
+    Attributes:
+        components: one dict per component (``id``, ``kind``, ``side``, ``layer``, ``weights``
+            and ``biases`` as :meth:`SparsityStats.to_dict`).
+        kinds: component kind -> {"weights": stats, "biases": stats}.
+        all_parameters: every distinct parameter tensor (a tied embedding counted once).
+        linear_weights: every attention-projection and FFN weight matrix.
+        weights / biases: all ``.weight`` / ``.bias`` tensors.
+    """
+
+    components: list[dict[str, Any]]
+    kinds: dict[str, dict[str, SparsityStats]]
+    all_parameters: SparsityStats
+    linear_weights: SparsityStats
+    weights: SparsityStats
+    biases: SparsityStats
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "all_parameters": self.all_parameters.to_dict(),
+            "linear_weights": self.linear_weights.to_dict(),
+            "weights": self.weights.to_dict(),
+            "biases": self.biases.to_dict(),
+            "kinds": {k: {w: s.to_dict() for w, s in v.items()} for k, v in self.kinds.items()},
+            "components": self.components,
+        }
+
+
+def measure_model(model: nn.Module) -> ModelSparsity:
+    """Measure zeros per component, per kind and overall.
+
+    Args:
+        model: any Whisper model (pruned or not).
+
+    Returns:
+        :class:`ModelSparsity`.
+    """
+    params = dict(model.named_parameters())
+    per_param = {n: _stats([p]) for n, p in params.items()}
+    components = []
+    kinds: dict[str, dict[str, SparsityStats]] = {}
+    linear = _EMPTY
+    for c in list_components(model):
+        w = sum((per_param[p] for p in c.params if p.endswith(".weight")), _EMPTY)
+        b = sum((per_param[p] for p in c.params if p.endswith(".bias")), _EMPTY)
+        if c.category == LINEAR:
+            linear = linear + w
+        k = kinds.setdefault(c.kind.value, {"weights": _EMPTY, "biases": _EMPTY})
+        k["weights"] = k["weights"] + w
+        k["biases"] = k["biases"] + b
+        components.append(
+            {
+                "id": c.id,
+                "kind": c.kind.value,
+                "side": c.side,
+                "layer": c.layer,
+                "weights": w.to_dict(),
+                "biases": b.to_dict(),
+                "tied_with": list(c.tied_with),
+            }
+        )
+    return ModelSparsity(
+        components=components,
+        kinds=kinds,
+        all_parameters=sum(per_param.values(), _EMPTY),
+        linear_weights=linear,
+        weights=sum((s for n, s in per_param.items() if n.endswith(".weight")), _EMPTY),
+        biases=sum((s for n, s in per_param.items() if n.endswith(".bias")), _EMPTY),
+    )
+
+
+@dataclass(frozen=True)
+class EntryResult:
+    """What one plan entry did: its parameters and their measured sparsity afterwards."""
+
+    selector: str
+    scope: str
+    pattern: str | None
+    requested_sparsity: float
+    parameters: tuple[str, ...]
+    stats: SparsityStats
+    stats_before: SparsityStats = _EMPTY
+
+    @property
+    def measured_sparsity(self) -> float:
+        return self.stats.sparsity
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "selector": self.selector,
+            "scope": self.scope,
+            "pattern": self.pattern,
+            "requested_sparsity": self.requested_sparsity,
+            "measured_sparsity": self.measured_sparsity,
+            "numel": self.stats.numel,
+            "nonzero": self.stats.nonzero,
+            "zeros_before": self.stats_before.zeros,
+            "n_parameters": len(self.parameters),
+            "parameters": list(self.parameters),
+        }
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """The outcome of :func:`prune_model`, measured on the pruned model.
+
+    Attributes:
+        plan: the plan that was applied.
+        score: the name of the per-weight score used.
+        entries: one :class:`EntryResult` per plan entry, in plan order.
+        model: measured sparsity of the whole model after pruning.
+        before: the same, measured before pruning.
+        notes: plain-language remarks (tied embeddings, pre-existing zeros).
+        elapsed_s: wall time of selection, scoring, masking and application.
+    """
+
+    plan: PrunePlan
+    score: str
+    entries: tuple[EntryResult, ...]
+    model: ModelSparsity
+    before: ModelSparsity
+    notes: tuple[str, ...] = field(default=())
+    elapsed_s: float = 0.0
+
+    @property
+    def overall_sparsity(self) -> float:
+        """Measured sparsity over all parameters (denominator: every distinct tensor)."""
+        return self.model.all_parameters.sparsity
+
+    @property
+    def linear_sparsity(self) -> float:
+        """Measured sparsity over the attention and FFN weight matrices."""
+        return self.model.linear_weights.sparsity
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (what ``pruning.json`` stores under ``result``)."""
+        return {
+            "plan": self.plan.to_dict(),
+            "plan_text": self.plan.to_text(),
+            "score": self.score,
+            "overall": {
+                "all_parameters": self.model.all_parameters.to_dict(),
+                "linear_weights": self.model.linear_weights.to_dict(),
+                "weights": self.model.weights.to_dict(),
+                "biases": self.model.biases.to_dict(),
+            },
+            "before": {
+                "all_parameters": self.before.all_parameters.to_dict(),
+                "linear_weights": self.before.linear_weights.to_dict(),
+            },
+            "entries": [e.to_dict() for e in self.entries],
+            "kinds": {k: {w: s.to_dict() for w, s in v.items()} for k, v in self.model.kinds.items()},
+            "components": self.model.components,
+            "notes": list(self.notes),
+            "elapsed_s": self.elapsed_s,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# the orchestrator
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_plan(model: nn.Module, plan: PrunePlan) -> list[list[str]]:
+    """Parameter names selected by each plan entry, checked for overlaps.
+
+    Args:
+        model: a Whisper model.
+        plan: the plan.
+
+    Returns:
+        One list of canonical parameter names per entry, in plan order.
+
+    Raises:
+        SelectorError: an entry matches nothing (lists what exists).
+        PlanError: two entries select the same parameter (names the parameters and entries).
+    """
+    selected = [select_parameters(model, e.selector) for e in plan.entries]
+    owner: dict[str, int] = {}
+    clashes: dict[tuple[int, int], list[str]] = {}
+    for i, names in enumerate(selected):
+        for n in names:
+            if n in owner:
+                clashes.setdefault((owner[n], i), []).append(n)
+            else:
+                owner[n] = i
+    if clashes:
+        parts = []
+        for (a, b), names in clashes.items():
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            parts.append(
+                f"{plan.entries[a].selector!r} and {plan.entries[b].selector!r} both select {shown}"
+            )
+        raise PlanError(
+            "overlapping plan entries (each parameter may be named by one entry only; split the "
+            "selectors so they are disjoint): " + "; ".join(parts)
+        )
+    return selected
+
+
+def _score(scorer: Scorer, name: str, param: Tensor) -> Tensor:
+    s = scorer(name, param)
+    if not isinstance(s, Tensor) or tuple(s.shape) != tuple(param.shape):
+        shape = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
+        raise ValueError(f"scorer returned {shape} for parameter {name} of shape {tuple(param.shape)}")
+    return s.detach().to(param.device)
+
+
+def _nm_mask(name: str, scores: Tensor, n: int, m: int) -> Tensor:
+    # convolutions (out, in, k): groups run along the flattened input (in * k)
+    flat = scores.reshape(scores.shape[0], -1) if scores.dim() > 2 else scores
+    try:
+        return nm_keep_mask(flat, n, m).reshape(scores.shape)
+    except ValueError as exc:
+        raise ValueError(f"parameter {name}: {exc}") from None
+
+
+def prune_model(model: nn.Module, plan: PrunePlan, *, scorer: Scorer | None = None) -> PruneResult:
+    """Prune ``model`` in place according to ``plan`` and measure the result.
+
+    Args:
+        model: a Whisper model (any dtype/device; masks are built on the parameters' device).
+        plan: a validated :class:`~asrprune.config.PrunePlan`.
+        scorer: per-weight scores; ``None`` means ``|w|`` (then ``plan.score`` must be
+            ``"magnitude"``). See :func:`dict_scorer` for Taylor/OBD scores.
+
+    Returns:
+        :class:`PruneResult` with measured sparsities. For a model without zeros beforehand,
+        every entry's measured sparsity equals ``round(s * numel) / numel`` exactly (pooled over
+        the entry for scope ``component``, per tensor for ``matrix``).
+
+    Raises:
+        SelectorError: an entry matches nothing.
+        PlanError: overlapping entries.
+        ValueError: missing scorer for a non-magnitude plan, scores of the wrong shape or with
+            NaN, an N:M pattern that does not divide a matrix's input dimension.
+    """
+    if scorer is None:
+        if plan.score != "magnitude":
+            raise ValueError(
+                f"the plan's score is {plan.score!r} but no scorer was given; pass "
+                f"scorer=dict_scorer(scores, name={plan.score!r}) or use score 'magnitude'"
+            )
+        scorer = magnitude_scorer
+    score_name = getattr(scorer, "score_name", plan.score)
+    t0 = time.perf_counter()
+    before = measure_model(model)
+    params = dict(model.named_parameters())
+
+    # selection: which tensors each entry owns (disjoint by construction)
+    selected = resolve_plan(model, plan)
+    pre = [_stats(params[n] for n in names) for names in selected]
+
+    # scoring + masking + application, entry by entry so only one entry's scores are alive
+    # (mode global needs them all at once: one pooled threshold)
+    with torch.no_grad():
+        if plan.mode == "global":
+            names = [n for group in selected for n in group]
+            sparsity = float(plan.entries[0].sparsity)  # type: ignore[arg-type]
+            masks = pooled_keep_masks([_score(scorer, n, params[n]) for n in names], sparsity)
+            for n, mask in zip(names, masks):
+                apply_keep_mask_(params[n], mask)
+            log.info("global threshold over %d tensors at sparsity %.4f", len(names), sparsity)
+        else:
+            for entry, names in zip(plan.entries, selected):
+                scores = [_score(scorer, n, params[n]) for n in names]
+                if entry.nm is not None:
+                    n_keep, m = entry.nm
+                    masks = [_nm_mask(n, s, n_keep, m) for n, s in zip(names, scores)]
+                elif entry.scope == "component":
+                    masks = pooled_keep_masks(scores, float(entry.sparsity))  # type: ignore[arg-type]
+                else:
+                    masks = [keep_mask(s, float(entry.sparsity)) for s in scores]  # type: ignore[arg-type]
+                del scores
+                for n, mask in zip(names, masks):
+                    apply_keep_mask_(params[n], mask)
+                log.info(
+                    "%s: %d tensors, scope %s%s, sparsity %.4f",
+                    entry.selector, len(names), entry.scope,
+                    f", pattern {entry.pattern}" if entry.pattern else "", entry.sparsity,
+                )
+    elapsed = time.perf_counter() - t0
+
+    # measurement: what is actually zero now
+    after = measure_model(model)
+    entries = tuple(
+        EntryResult(
+            selector=e.selector,
+            scope="global" if plan.mode == "global" else e.scope,
+            pattern=e.pattern,
+            requested_sparsity=float(e.sparsity),  # type: ignore[arg-type]
+            parameters=tuple(names),
+            stats=_stats(params[n] for n in names),
+            stats_before=before_stats,
+        )
+        for e, names, before_stats in zip(plan.entries, selected, pre)
+    )
+    notes = []
+    ties = tied_parameters(model)
+    for e, names in zip(plan.entries, selected):
+        for n in names:
+            if n in ties:
+                notes.append(
+                    f"{e.selector!r} prunes {n}, which is the same tensor as "
+                    f"{', '.join(ties[n])} (tied word embeddings): pruning the token embeddings "
+                    "also prunes the output projection, and vice versa"
+                )
+    for er in entries:
+        if er.stats_before.zeros:
+            notes.append(
+                f"{er.selector!r}: the selection held {er.stats_before.zeros} zeros before pruning "
+                f"(sparsity {er.stats_before.sparsity:.4f}); they rank lowest and count in the "
+                f"measured {er.measured_sparsity:.4f}"
+            )
+    if plan.mode == "global":
+        notes.append(
+            "mode global: one threshold pooled over all entries; per-entry sparsities differ"
+        )
+    for note in notes:
+        log.info(note)
+    return PruneResult(
+        plan=plan,
+        score=score_name,
+        entries=entries,
+        model=after,
+        before=before,
+        notes=tuple(notes),
+        elapsed_s=elapsed,
+    )

@@ -1,0 +1,734 @@
+"""Study report: ``report.md`` + a self-contained ``report.html`` from result files only.
+
+Reads the study directory layout of docs/architecture.md ("Study directory layout"):
+``study.json``, ``runs.jsonl`` and ``sensitivity/``. Needs no model and does not import torch,
+so a report can be rebuilt anywhere (``asrprune report DIR``).
+
+The report holds:
+
+- the paper-style table per model and protocol: condition, selector, measured sparsity of all
+  linear weights and of all parameters, and per data set the WER with its 95% bootstrap
+  interval, the paired change against the baseline with its interval and p value, a mark for
+  significant changes, and the paper's own number where it has one (the paper used
+  Whisper-small, so its numbers are a reference point, not a target);
+- WER-versus-sparsity curves per component group (PNG);
+- the sensitivity heatmaps and, when present, the diagnostics' rank correlations;
+- non-zero parameter counts per condition;
+- a plain-words summary: which changes are significant (p < 0.05 *and* the 95% interval
+  excludes 0) and which share of each change comes from the 5 utterances that changed most.
+
+All numbers in the result files are fractions; the report shows WER and sparsity in percent.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import math
+import re
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+log = logging.getLogger(__name__)
+
+ALPHA = 0.05
+# The paper's LibriSpeech WER (%) for Whisper-small (see ../shared/PAPER.md), keyed by
+# "<group>@<sparsity>" and the LibriSpeech split.
+PAPER_WER: dict[str, dict[str, float]] = {
+    "baseline": {"test-clean": 3.45, "test-other": 11.64},
+    "decoder_self_attn@0.5": {"test-clean": 3.29, "test-other": 9.26},
+    "late_encoder@0.5": {"test-clean": 3.31, "test-other": 9.92},
+    "global@0.4": {"test-other": 61.32},
+    "sensitivity_aware@0.4": {"test-other": 11.84},
+}
+PAPER_NOTE = (
+    "Paper numbers: Irigoyen et al. 2025 (arXiv 2511.08092), Whisper-small on the full "
+    "LibriSpeech splits under their protocol; the sensitivity-aware row is their 40.8% model."
+)
+_GROUP_ALIASES = {
+    "decoder_self_attention": "decoder_self_attn",
+    "dec_self_attn": "decoder_self_attn",
+    "last4_encoder": "late_encoder",
+    "encoder_last4": "late_encoder",
+    "global_magnitude": "global",
+    "sensitivity_aware": "allocated",
+    "allocation": "allocated",
+}
+# groups whose runs are not points of one curve
+_NO_CURVE_GROUPS = {"baseline", "probe", "paper_plan"}
+
+
+class ReportError(ValueError):
+    """The study directory cannot be read into a report."""
+
+
+# ----------------------------------------------------------------------------------------------
+# reading
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Study:
+    """What a study directory holds: options, runs (last row per run id) and sensitivity."""
+
+    root: Path
+    options: dict
+    runs: list[dict]
+    bad_lines: list[str] = field(default_factory=list)
+    sensitivity: dict | None = None
+    heatmaps: list[Path] = field(default_factory=list)
+
+
+def read_runs(path: Path) -> tuple[list[dict], list[str]]:
+    """Rows of ``runs.jsonl``, one per ``run_id`` (the last ``ok`` row wins, else the last row).
+
+    A truncated or invalid line (e.g. from a killed process) is skipped and reported.
+
+    Returns:
+        (rows in order of first appearance, descriptions of the skipped lines)
+    """
+    rows: "OrderedDict[str, dict]" = OrderedDict()
+    bad = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            bad.append(f"{path.name} line {n}: {exc}")
+            continue
+        if not isinstance(row, dict):
+            bad.append(f"{path.name} line {n}: not a JSON object")
+            continue
+        rid = str(row.get("run_id") or f"line{n}")
+        old = rows.get(rid)
+        if old is None or row.get("status", "ok") == "ok" or old.get("status") != "ok":
+            rows[rid] = row
+    return list(rows.values()), bad
+
+
+def load_study(study_dir: str | Path) -> Study:
+    """Read ``study.json``, ``runs.jsonl`` and ``sensitivity/`` of a study directory.
+
+    Raises:
+        FileNotFoundError: the directory or its ``runs.jsonl`` is missing.
+        ReportError: ``study.json`` or ``sensitivity.json`` is not valid JSON.
+    """
+    root = Path(study_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"study directory not found: {root}")
+    runs_path = root / "runs.jsonl"
+    if not runs_path.is_file():
+        raise FileNotFoundError(
+            f"{runs_path} not found: a study directory holds runs.jsonl written by "
+            "`asrprune sweep` or `asrprune reproduce`"
+        )
+    options = {}
+    if (root / "study.json").is_file():
+        try:
+            options = json.loads((root / "study.json").read_text())
+        except json.JSONDecodeError as exc:
+            raise ReportError(f"{root / 'study.json'}: not valid JSON ({exc})") from None
+    else:
+        log.warning("%s has no study.json; the report will lack the study options", root)
+    runs, bad = read_runs(runs_path)
+    sens = None
+    heatmaps: list[Path] = []
+    sdir = root / "sensitivity"
+    if sdir.is_dir():
+        heatmaps = sorted(sdir.glob("*.png"))
+        if (sdir / "sensitivity.json").is_file():
+            try:
+                sens = json.loads((sdir / "sensitivity.json").read_text())
+            except json.JSONDecodeError as exc:
+                raise ReportError(f"{sdir / 'sensitivity.json'}: not valid JSON ({exc})") from None
+    return Study(root=root, options=options, runs=runs, bad_lines=bad, sensitivity=sens, heatmaps=heatmaps)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers on rows
+# ----------------------------------------------------------------------------------------------
+
+
+def _ok(row: Mapping) -> bool:
+    return row.get("status", "ok") == "ok" and isinstance(row.get("summary"), Mapping)
+
+
+def normalise_group(group: str | None) -> str:
+    g = re.sub(r"[^a-z0-9]+", "_", str(group or "").lower()).strip("_")
+    return _GROUP_ALIASES.get(g, g)
+
+
+def paper_set(dataset: str) -> str | None:
+    """The LibriSpeech split a data set name refers to (``test-other``/``test-clean``), or None."""
+    d = dataset.lower().replace("_", "-")
+    if "test-other" in d:
+        return "test-other"
+    if "test-clean" in d:
+        return "test-clean"
+    return None
+
+
+def paper_key(row: Mapping) -> str | None:
+    """The key of :data:`PAPER_WER` a run corresponds to (explicit ``paper_key`` wins)."""
+    if row.get("paper_key"):
+        return str(row["paper_key"])
+    g = normalise_group(row.get("group"))
+    t = row.get("target_sparsity")
+    if g == "baseline":
+        return "baseline"
+    if t is None:
+        return None
+    t = float(t)
+    if g in ("decoder_self_attn", "late_encoder") and abs(t - 0.5) < 0.011:
+        return f"{g}@0.5"
+    if g == "global" and abs(t - 0.4) < 0.011:
+        return "global@0.4"
+    if g in ("allocated", "paper_plan") and abs(t - 0.4) < 0.011:
+        return "sensitivity_aware@0.4"
+    return None
+
+
+def paper_wer(row: Mapping) -> float | None:
+    """The paper's WER (%) for this run's condition and data set, if it published one."""
+    key, split = paper_key(row), paper_set(str(row.get("dataset", "")))
+    if key is None or split is None:
+        return None
+    return PAPER_WER.get(key, {}).get(split)
+
+
+def comparison(row: Mapping) -> dict | None:
+    """The run's paired comparison with tolerant key names, or None."""
+    c = row.get("comparison")
+    if not isinstance(c, Mapping):
+        return None
+    delta = c.get("delta", c.get("delta_wer"))
+    ci = c.get("ci", c.get("delta_ci", c.get("ci95")))
+    if delta is None:
+        return None
+    return {
+        "delta": float(delta),
+        "ci": [float(ci[0]), float(ci[1])] if ci else None,
+        "p": None if c.get("p", c.get("p_value")) is None else float(c.get("p", c.get("p_value"))),
+        "top5_share": c.get("top5_share", c.get("top_share")),
+        "without_top5": c.get("delta_wer_without_top"),
+        "n": c.get("n", c.get("n_utterances")),
+    }
+
+
+def significant(cmp: Mapping | None, alpha: float = ALPHA) -> bool:
+    """p < alpha and the 95% interval of the change excludes 0."""
+    if not cmp or cmp.get("p") is None or not cmp.get("ci"):
+        return False
+    lo, hi = cmp["ci"]
+    return cmp["p"] < alpha and (lo > 0 or hi < 0)
+
+
+def _pct(x: float | None, nd: int = 2) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.{nd}f}"
+
+
+def _signed(x: float, nd: int = 2) -> str:
+    return f"{100 * x:+.{nd}f}"
+
+
+def _p(p: float | None) -> str:
+    if p is None:
+        return "—"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _p_eq(p: float | None) -> str:
+    """``p = 0.012`` or ``p < 0.001`` for running text."""
+    s = _p(p)
+    return f"p {s[0]} {s[1:]}" if s.startswith("<") else f"p = {s}"
+
+
+def _condition_key(row: Mapping) -> tuple:
+    return (row.get("condition") or row.get("group") or "?", normalise_group(row.get("group")),
+            row.get("target_sparsity"), row.get("selector"))
+
+
+def _sort_conditions(keys: Iterable[tuple], first_seen: Mapping[str, int]) -> list[tuple]:
+    def k(key):
+        label, group, target, _sel = key
+        return (group != "baseline", first_seen.get(group, 999), target if target is not None else -1, label)
+
+    return sorted(keys, key=k)
+
+
+def _datasets(study: Study) -> list[str]:
+    names = list((study.options.get("datasets") or {}).keys())
+    for r in study.runs:
+        d = r.get("dataset")
+        if d and d not in names:
+            names.append(d)
+    return names
+
+
+# ----------------------------------------------------------------------------------------------
+# building blocks (rendered to markdown and to HTML)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[str]]
+    caption: str = ""
+
+
+@dataclass
+class Image:
+    path: Path  # absolute
+    alt: str
+    caption: str = ""
+
+
+Block = tuple  # ("h1"|"h2"|"h3"|"p"|"ul", text or list) | Table | Image
+
+
+def main_tables(study: Study) -> list[tuple[str, Table]]:
+    """The paper-style tables, one per (model, protocol)."""
+    datasets = _datasets(study)
+    by_mp: "OrderedDict[tuple, list[dict]]" = OrderedDict()
+    for r in study.runs:
+        by_mp.setdefault((str(r.get("model", "?")), str(r.get("protocol", "?"))), []).append(r)
+    out = []
+    for (model, protocol), rows in by_mp.items():
+        first_seen: dict[str, int] = {}
+        cells: dict[tuple, dict[str, dict]] = defaultdict(dict)
+        spars: dict[tuple, tuple] = {}
+        for r in rows:
+            key = _condition_key(r)
+            first_seen.setdefault(key[1], len(first_seen))
+            cells[key][r.get("dataset", "?")] = r
+            if _ok(r) and key not in spars:
+                spars[key] = (r.get("sparsity_linear"), r.get("sparsity_all"))
+        ds_here = [d for d in datasets if any(d in v for v in cells.values())]
+        with_paper = [d for d in ds_here if paper_set(d) and any(
+            paper_wer(v[d]) is not None for v in cells.values() if d in v)]
+        headers = ["condition", "selector", "sparsity % (linear / all)"]
+        for d in ds_here:
+            headers += [f"{d} WER % [95% CI]", f"{d} Δ WER [95% CI]", f"{d} p"]
+            if d in with_paper:
+                headers.append(f"{d} paper WER %")
+        body = []
+        for key in _sort_conditions(cells.keys(), first_seen):
+            label, _g, _t, sel = key
+            sl, sa = spars.get(key, (None, None))
+            line = [str(label), str(sel or "—"), f"{_pct(sl, 1)} / {_pct(sa, 1)}"]
+            for d in ds_here:
+                r = cells[key].get(d)
+                if r is None:
+                    line += ["—", "—", "—"]
+                elif not _ok(r):
+                    line += ["failed", "—", "—"]
+                else:
+                    s = r["summary"]
+                    ci = s.get("wer_ci")
+                    w = f"{_pct(s.get('wer'))}"
+                    if ci:
+                        w += f" [{_pct(ci[0])}, {_pct(ci[1])}]"
+                    cmp = comparison(r)
+                    if cmp:
+                        dtxt = _signed(cmp["delta"])
+                        if cmp["ci"]:
+                            dtxt += f" [{_signed(cmp['ci'][0])}, {_signed(cmp['ci'][1])}]"
+                        if significant(cmp):
+                            dtxt += " *"
+                        line += [w, dtxt, _p(cmp["p"])]
+                    else:
+                        line += [w, "—", "—"]
+                if d in with_paper:
+                    pw = paper_wer(r) if r is not None else None
+                    line.append("—" if pw is None else f"{pw:.2f}")
+            body.append(line)
+        caption = (
+            f"Model {model}, protocol {protocol}. WER in percent with its 95% bootstrap interval; "
+            "Δ = pruned minus baseline (points) with the paired-bootstrap 95% interval and p; "
+            "* = significant (p < 0.05 and the interval excludes 0)."
+        )
+        out.append((f"{model} — {protocol} protocol", Table(headers, body, caption)))
+    return out
+
+
+def nonzero_table(study: Study) -> Table:
+    """Non-zero parameter counts per model and condition (measured after pruning)."""
+    seen: "OrderedDict[tuple, dict]" = OrderedDict()
+    for r in study.runs:
+        if not _ok(r):
+            continue
+        key = (str(r.get("model", "?")),) + _condition_key(r)[:1]
+        seen.setdefault(key, r)
+    rows = []
+    for (model, label), r in seen.items():
+        nz, tot = r.get("nonzero_params"), r.get("total_params")
+        rows.append([
+            model, str(label),
+            "—" if tot is None else f"{int(tot):,}",
+            "—" if nz is None else f"{int(nz):,}",
+            f"{_pct(r.get('sparsity_all'), 1)}",
+            f"{_pct(r.get('sparsity_linear'), 1)}",
+        ])
+    return Table(
+        ["model", "condition", "parameters", "non-zero parameters", "sparsity % (all)", "sparsity % (linear)"],
+        rows,
+        "Counts measured on the pruned model (zeros after pruning), not requested sparsities.",
+    )
+
+
+def summary_paragraphs(study: Study) -> list[Block]:
+    """Plain-words summary of the study's significant and non-significant changes."""
+    blocks: list[Block] = []
+    ok = [r for r in study.runs if _ok(r)]
+    failed = [r for r in study.runs if not _ok(r)]
+    blocks.append(("p", f"{len(study.runs)} runs recorded: {len(ok)} finished, {len(failed)} failed."))
+    groups: "OrderedDict[tuple, list[dict]]" = OrderedDict()
+    for r in ok:
+        if comparison(r):
+            groups.setdefault((r.get("model"), r.get("protocol"), r.get("dataset")), []).append(r)
+    baselines = {(r.get("model"), r.get("protocol"), r.get("dataset")): r
+                 for r in ok if normalise_group(r.get("group")) == "baseline"}
+    if not groups:
+        blocks.append(("p", "No run has a comparison with its baseline yet."))
+    for (model, protocol, dataset), rows in groups.items():
+        better, worse, flat = [], [], []
+        for r in rows:
+            cmp = comparison(r)
+            label = r.get("condition") or r.get("group")
+            if significant(cmp):
+                base = r["summary"].get("wer", 0.0) - cmp["delta"]
+                share = cmp.get("top5_share")
+                txt = (
+                    f"{label}: {_pct(base)}% → {_pct(r['summary'].get('wer'))}% "
+                    f"(change {_signed(cmp['delta'])} points, 95% CI {_signed(cmp['ci'][0])} to "
+                    f"{_signed(cmp['ci'][1])}, {_p_eq(cmp['p'])})"
+                )
+                if share is not None:
+                    share = float(share)
+                    if share > 1:
+                        txt += ("; the 5 utterances that changed most carry more than the whole change "
+                                f"({100 * share:.0f}%: the others move the other way)")
+                    else:
+                        txt += f"; {100 * share:.0f}% of the change comes from the 5 utterances that changed most"
+                    if cmp.get("without_top5") is not None:
+                        txt += f" (without them: {_signed(float(cmp['without_top5']))} points)"
+                    if share > 0.5:
+                        txt += ", so it rests on a few utterances: read them before calling it a real effect"
+                base_row = baselines.get((model, protocol, dataset))
+                h_run = r["summary"].get("n_hallucination")
+                h_base = base_row["summary"].get("n_hallucination") if base_row else None
+                if h_run is not None and h_base is not None and h_run != h_base:
+                    # the paper's gains may be repairs of failure outputs (PAPER.md, point 1)
+                    txt += f"; outputs flagged as hallucination/repetition: {h_base} → {h_run}"
+                (better if cmp["delta"] < 0 else worse).append(txt + ".")
+            else:
+                flat.append(f"{label} ({_signed(cmp['delta'])}, {_p_eq(cmp['p'])})")
+        head = f"{model}, {protocol} protocol, {dataset}:"
+        items = []
+        items += [f"significantly better — {t}" for t in better]
+        items += [f"significantly worse — {t}" for t in worse]
+        if flat:
+            items.append("no significant change — " + "; ".join(flat) + ".")
+        blocks.append(("p", head))
+        blocks.append(("ul", items))
+    return blocks
+
+
+def curve_images(study: Study, out_dir: Path) -> list[Image]:
+    """WER-versus-sparsity PNGs, one per component group, written to ``out_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in study.runs if _ok(r)]
+    baselines = {
+        (r.get("model"), r.get("protocol"), r.get("dataset")): r
+        for r in ok if normalise_group(r.get("group")) == "baseline"
+    }
+    by_group: "OrderedDict[str, list[dict]]" = OrderedDict()
+    for r in ok:
+        g = normalise_group(r.get("group"))
+        if g in _NO_CURVE_GROUPS or r.get("target_sparsity") is None:
+            continue
+        by_group.setdefault(g, []).append(r)
+    images = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for g, rows in by_group.items():
+        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+        lines: "OrderedDict[tuple, list[dict]]" = OrderedDict()
+        for r in rows:
+            lines.setdefault((r.get("model"), r.get("protocol"), r.get("dataset")), []).append(r)
+        for key, pts in lines.items():
+            pts = sorted(pts, key=lambda r: float(r["target_sparsity"]))
+            if key in baselines:
+                pts = [dict(baselines[key], target_sparsity=0.0)] + pts
+            xs = [100 * float(r["target_sparsity"]) for r in pts]
+            ys = [100 * float(r["summary"]["wer"]) for r in pts]
+            lo = [y - 100 * float((r["summary"].get("wer_ci") or [r["summary"]["wer"]] * 2)[0]) for y, r in zip(ys, pts)]
+            hi = [100 * float((r["summary"].get("wer_ci") or [r["summary"]["wer"]] * 2)[1]) - y for y, r in zip(ys, pts)]
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=" / ".join(str(k) for k in key))
+        # the paper's own points (Whisper-small), baseline included, one marker per split
+        paper_pts: dict[str, set] = defaultdict(set)
+        for key in lines:
+            cand = list(lines[key]) + ([dict(baselines[key], target_sparsity=0.0)] if key in baselines else [])
+            for r in cand:
+                pw, split = paper_wer(r), paper_set(str(r.get("dataset", "")))
+                if pw is not None and split:
+                    paper_pts[split].add((100 * float(r["target_sparsity"]), pw))
+        for split, marker in (("test-other", "x"), ("test-clean", "+")):
+            if paper_pts.get(split):
+                ax.scatter(*zip(*sorted(paper_pts[split])), marker=marker, s=60, color="black",
+                           label=f"paper, Whisper-small, {split}", zorder=5)
+        ax.set_xlabel("sparsity of the selected weights (%)")
+        ax.set_ylabel("WER (%)")
+        ax.set_title(f"WER versus sparsity: {g}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"wer_vs_sparsity_{re.sub(r'[^A-Za-z0-9_]+', '_', g)}.png"
+        fig.savefig(path, metadata={"Software": None})
+        plt.close(fig)
+        images.append(Image(path, f"WER versus sparsity, {g}", f"WER (95% CI) versus sparsity for {g}; 0% is the baseline."))
+    return images
+
+
+def sensitivity_blocks(study: Study) -> list[Block]:
+    """Heatmaps, the diagnostics' rank correlations with the measured ablation, and rankings."""
+    blocks: list[Block] = []
+    if not study.heatmaps and not study.sensitivity:
+        return [("p", "No sensitivity results in this study directory.")]
+    sens = study.sensitivity or {}
+    corr = sens.get("correlations") or sens.get("spearman")
+    rows = []
+    if isinstance(corr, Mapping):  # {predictor: {rho, ci, target}} or {predictor: rho}
+        corr = [dict(v, predictor=k) if isinstance(v, Mapping) else {"predictor": k, "rho": v}
+                for k, v in corr.items()]
+    for v in corr or []:
+        if not isinstance(v, Mapping):
+            continue
+        rho, ci, p = v.get("rho", v.get("spearman")), v.get("ci"), v.get("p")
+        sp = v.get("sparsity")
+        rows.append([
+            str(v.get("predictor", v.get("diagnostic", "?"))),
+            str(v.get("target", v.get("against", "—"))),
+            "—" if sp is None else f"{100 * float(sp):.0f}%",
+            "—" if rho is None or not math.isfinite(float(rho)) else f"{float(rho):+.2f}",
+            "—" if not ci or any(x is None for x in ci) else f"[{float(ci[0]):+.2f}, {float(ci[1]):+.2f}]",
+            _p(None if p is None else float(p)),
+            str(v.get("n", "—")),
+        ])
+    if rows:
+        blocks.append(Table(
+            ["predictor", "against", "sparsity", "Spearman rho", "bootstrap 95% CI", "p", "components"], rows,
+            "Does a diagnostic rank components the way the measured ablation (calibration data) does?",
+        ))
+    ranking = sens.get("ranking")
+    if isinstance(ranking, Mapping) and ranking:
+        rrows = []
+        for key, ids in ranking.items():
+            if isinstance(ids, list) and ids:
+                k = max(1, min(5, len(ids) // 2))  # top and bottom never overlap
+                rrows.append([str(key), ", ".join(map(str, ids[:k])), ", ".join(map(str, ids[-k:][::-1]))])
+        if rrows:
+            blocks.append(Table(["ranking by", "most sensitive (top 5)", "least sensitive (bottom 5)"], rrows,
+                                "Component rankings from sensitivity.json."))
+    for path in study.heatmaps:
+        blocks.append(Image(path, f"sensitivity heatmap {path.stem}", path.stem.replace("_", " ")))
+    return blocks
+
+
+def failed_table(study: Study) -> Table | None:
+    failed = [r for r in study.runs if not _ok(r)]
+    if not failed:
+        return None
+    rows = [[str(r.get("run_id", "?")), str(r.get("condition") or r.get("group") or "?"),
+             str(r.get("dataset", "?")), str(r.get("error") or "no summary").splitlines()[0][:200]]
+            for r in failed]
+    return Table(["run", "condition", "dataset", "error"], rows, "Failed runs (a rerun of the sweep retries them).")
+
+
+def study_blocks(study: Study) -> list[Block]:
+    o = study.options
+    items = []
+    if o.get("model"):
+        items.append(f"model: {o['model'] if isinstance(o['model'], str) else ', '.join(map(str, o['model']))}")
+    for name, d in (o.get("datasets") or {}).items():
+        if isinstance(d, Mapping):
+            items.append(f"data set {name}: {d.get('n_utterances', '?')} utterances from {d.get('source', '?')}")
+    if o.get("calibration"):
+        c = o["calibration"]
+        items.append("calibration: " + (json.dumps(c) if not isinstance(c, str) else c))
+    if o.get("protocols"):
+        items.append("protocols: " + ", ".join(map(str, o["protocols"])))
+    if o.get("limit"):
+        items.append(f"limit: {o['limit']} utterances per set")
+    if o.get("wall_s"):
+        items.append(f"wall time: {float(o['wall_s']) / 60:.1f} min")
+    if study.bad_lines:
+        items.append(f"skipped unreadable lines of runs.jsonl: {'; '.join(study.bad_lines)}")
+    return [("ul", items)] if items else []
+
+
+def build_blocks(study: Study, img_dir: Path) -> list[Block]:
+    """All report blocks in order."""
+    blocks: list[Block] = [("h1", "asrprune study report")]
+    blocks.append(("p", f"Built {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from the result files in {study.root.name}/."))
+    blocks += study_blocks(study)
+    blocks.append(("h2", "Summary"))
+    blocks += summary_paragraphs(study)
+    blocks.append(("h2", "Results"))
+    for title, table in main_tables(study):
+        blocks.append(("h3", title))
+        blocks.append(table)
+    blocks.append(("p", PAPER_NOTE))
+    ft = failed_table(study)
+    if ft:
+        blocks.append(("h3", "Failed runs"))
+        blocks.append(ft)
+    blocks.append(("h2", "WER versus sparsity"))
+    imgs = curve_images(study, img_dir)
+    blocks += imgs if imgs else [("p", "No component sweep with sparsity levels in this study.")]
+    blocks.append(("h2", "Non-zero parameters"))
+    blocks.append(nonzero_table(study))
+    blocks.append(("h2", "Sensitivity"))
+    blocks += sensitivity_blocks(study)
+    return blocks
+
+
+# ----------------------------------------------------------------------------------------------
+# rendering
+# ----------------------------------------------------------------------------------------------
+
+
+def _md_cell(s: str) -> str:
+    return str(s).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(blocks: Sequence[Block], base: Path) -> str:
+    """Markdown with images linked relative to ``base`` (the directory report.md is written to)."""
+    out = []
+    for b in blocks:
+        if isinstance(b, Table):
+            if b.caption:
+                out.append(b.caption + "\n")
+            out.append("| " + " | ".join(_md_cell(h) for h in b.headers) + " |")
+            out.append("|" + "|".join(" --- " for _ in b.headers) + "|")
+            out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows]
+            out.append("")
+        elif isinstance(b, Image):
+            rel = Path(_relpath(b.path, base))
+            out.append(f"![{b.alt}]({rel.as_posix()})\n")
+            if b.caption:
+                out.append(f"*{b.caption}*\n")
+        else:
+            kind, content = b
+            if kind in ("h1", "h2", "h3"):
+                out.append("#" * int(kind[1]) + " " + content + "\n")
+            elif kind == "ul":
+                out += [f"- {item}" for item in content] + [""]
+            else:
+                out.append(content + "\n")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _relpath(path: Path, base: Path) -> str:
+    import os
+
+    return os.path.relpath(path, base)
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1400px;
+padding:0 1em;color:#222;line-height:1.4}
+table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:13px}
+th,td{border:1px solid #ccc;padding:3px 6px;text-align:right;white-space:nowrap}
+th{background:#f2f2f2} td:first-child,td:nth-child(2),th:first-child{text-align:left}
+caption{caption-side:top;text-align:left;font-size:12px;color:#555;padding-bottom:4px}
+figure{margin:1em 0} figcaption{font-size:12px;color:#555} img{max-width:100%}
+.scroll{overflow-x:auto}
+"""
+
+
+def render_html(blocks: Sequence[Block]) -> str:
+    """A self-contained HTML page: inline CSS, images as base64 data URIs, no external links."""
+    e = html.escape
+    body = []
+    title = "asrprune study report"
+    for b in blocks:
+        if isinstance(b, Table):
+            rows = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in b.rows)
+            body.append(
+                f'<div class="scroll"><table class="results"><caption>{e(b.caption)}</caption><thead><tr>'
+                + "".join(f"<th>{e(h)}</th>" for h in b.headers)
+                + f"</tr></thead><tbody>{rows}</tbody></table></div>"
+            )
+        elif isinstance(b, Image):
+            data = base64.b64encode(b.path.read_bytes()).decode("ascii")
+            body.append(
+                f'<figure><img src="data:image/png;base64,{data}" alt="{e(b.alt)}">'
+                f"<figcaption>{e(b.caption)}</figcaption></figure>"
+            )
+        else:
+            kind, content = b
+            if kind == "h1":
+                title = content
+            if kind in ("h1", "h2", "h3"):
+                body.append(f"<{kind}>{e(content)}</{kind}>")
+            elif kind == "ul":
+                body.append("<ul>" + "".join(f"<li>{e(i)}</li>" for i in content) + "</ul>")
+            else:
+                body.append(f"<p>{e(content)}</p>")
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>{e(title)}</title><style>{_CSS}</style></head><body>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    markdown: Path
+    html: Path
+    images: tuple[Path, ...]
+
+
+def build_report(study_dir: str | Path, *, out_dir: str | Path | None = None) -> ReportPaths:
+    """Rebuild ``report.md`` and ``report.html`` from a study directory's result files.
+
+    Args:
+        study_dir: the study directory (layout in docs/architecture.md).
+        out_dir: where to write (default: ``study_dir``); PNGs go to ``<out_dir>/report/``.
+
+    Returns:
+        The paths written.
+
+    Raises:
+        FileNotFoundError: the directory or its runs.jsonl is missing.
+        ReportError: a result file is not valid JSON.
+    """
+    study = load_study(study_dir)
+    out = Path(out_dir) if out_dir is not None else study.root
+    out.mkdir(parents=True, exist_ok=True)
+    img_dir = out / "report"
+    blocks = build_blocks(study, img_dir)
+    md_path, html_path = out / "report.md", out / "report.html"
+    _write_atomic(md_path, render_markdown(blocks, out))
+    _write_atomic(html_path, render_html(blocks))
+    images = tuple(b.path for b in blocks if isinstance(b, Image))
+    log.info("report written: %s, %s (%d images)", md_path, html_path, len(images))
+    return ReportPaths(md_path, html_path, images)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,70 @@
+"""Shared fixtures: a tiny random Whisper, the shared speech data, the embedded tiny.en."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("ASRPRUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def make_tiny_whisper(seed: int = 0, **overrides):
+    """A random WhisperForConditionalGeneration of hidden size 16, 2+2 layers, 4 heads, vocab 200.
+
+    Same shape family as transformers' ``WhisperModelTester``; input features are (B, 80, 60).
+    """
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    kwargs = dict(
+        vocab_size=200,
+        num_mel_bins=80,
+        d_model=16,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_source_positions=30,
+        max_target_positions=40,
+        pad_token_id=0,
+        bos_token_id=98,
+        eos_token_id=98,
+        decoder_start_token_id=85,
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = WhisperForConditionalGeneration(WhisperConfig(**kwargs))
+    model.eval()
+    return model
+
+
+@pytest.fixture
+def tiny_whisper():
+    return make_tiny_whisper()
+
+
+@pytest.fixture
+def rng():
+    return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"shared speech data not found at {SHARED_DATA} (set ASRPRUNE_SHARED_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_en():
+    """The embedded whisper tiny.en (converted once into the cache), fp32 on CPU."""
+    from asrprune.models import load_model
+
+    return load_model("tiny.en")
