@@ -1,37 +1,33 @@
-"""Benchmark: encoder-output reuse across decoder-only pruned variants of a sweep.
+"""Benchmark: encoder-output reuse for decoder-only pruned variants (what a sweep does).
 
-Runs the same small sweep twice, in one process and on the same utterances: the unpruned
-baseline plus N variants that prune only decoder weights, once with ``encoder_cache: off``
-(every run encodes every utterance) and once with ``encoder_cache: memory`` (the variants reuse
-the baseline's encoder outputs). Prints the wall time of the pruned variants and of the whole
-sweep under both settings, the encoder forward calls, and checks that every run's transcripts
-are identical with and without reuse (exit status 1 if not).
+On the same utterances, the unpruned baseline is evaluated once with an ``EncoderCache`` (this
+fills it); then each of N variants that prune only decoder weights is evaluated twice, once
+recomputing the encoder (no cache) and once reusing the baseline's encoder outputs (the cache),
+back to back, alternating which goes first so that a change of machine load hits both alike.
+The weights are restored exactly between variants the way ``SweepRunner`` does it. Prints the
+wall time of every evaluation, the totals over the variants, the encoder forward calls (counted
+by a hook on the encoder) and checks that transcripts are identical with and without reuse
+(exit status 1 if not).
 
-    python benchmarks/bench_encoder_reuse.py                      # tiny.en, 20 test-other utts
-    python benchmarks/bench_encoder_reuse.py --model base --limit 20 --device cuda
+    python benchmarks/bench_encoder_reuse.py                    # tiny.en, 20 test-other utts, 3 variants
+    python benchmarks/bench_encoder_reuse.py --variants 5 --repeats 2
+    python benchmarks/bench_encoder_reuse.py --model base --device cuda
 
-Model load time is excluded (the model is loaded once before each sweep); a run's time is its
-``wall_s`` in runs.jsonl (restore weights, prune, decode, score, paired comparison).
+Model loading and audio decoding of the manifest are not timed; each timed evaluation includes
+reading audio, features, encoder (or cache lookups), generation and scoring.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import tempfile
+import statistics
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "librispeech_test_other" / "manifest.jsonl"
-VARIANTS = ("decoder_self_attn@0.3", "decoder_ffn@0.3", "cross_attn@0.3", "decoder_self_attn@0.5",
-            "decoder_ffn@0.5", "cross_attn@0.5", "token_embeddings@0.2", "early_decoder@0.3")
-
-
-def _hyps(run_dir: Path) -> dict[str, str]:
-    rows = [json.loads(x) for x in (run_dir / "utterances.jsonl").read_text().splitlines() if x.strip()]
-    return {r["id"]: r["hypothesis"] for r in rows}
+VARIANTS = ("decoder_self_attn=0.3", "decoder_ffn=0.3", "cross_attn=0.3", "decoder_self_attn=0.5",
+            "decoder_ffn=0.5", "cross_attn=0.5", "token_embeddings=0.2", "early_decoder=0.3")
 
 
 def main(argv=None) -> int:
@@ -40,76 +36,75 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--limit", type=int, default=20)
     ap.add_argument("--variants", type=int, default=3, help=f"how many of {', '.join(VARIANTS)}")
+    ap.add_argument("--repeats", type=int, default=1, help="timed pairs per variant (median reported)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--out", type=Path, default=None, help="keep the two sweep directories here")
     args = ap.parse_args(argv)
+
+    import torch
+
+    from asrprune.config import PrunePlan
+    from asrprune.evaluation import DecodeOptions, EncoderCache, evaluate
+    from asrprune.manifests import read_speech_set
+    from asrprune.prune import prune_model
+    from asrprune.sweep import SweepRunner
+
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
+    options = DecodeOptions(device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+    speech = read_speech_set(args.data, limit=args.limit)
+    runner = SweepRunner(progress=False)
+    slot = runner.model(args.model, device=str(options.resolved_device()), dtype=options.dtype)
+    audio_s = sum(u.duration_s or 0.0 for u in speech.utterances)
 
-    from asrprune.config import PlanEntry, PrunePlan
-    from asrprune.evaluation import DecodeOptions
-    from asrprune.sweep import DataSpec, SweepRunner, SweepSpec, Variant, latest_rows, read_rows, run_sweep
-
-    variants = []
-    for name in VARIANTS[: args.variants]:
-        selector, s = name.split("@")
-        variants.append(Variant(name=name, plan=PrunePlan((PlanEntry(selector, float(s)),)), group=selector,
-                                selector=selector, target_sparsity=float(s)))
-    out = args.out or Path(tempfile.mkdtemp(prefix="bench_encoder_reuse_"))
-    decode = {"device": args.device, "dtype": args.dtype, "batch_size": args.batch_size}
-    results = {}
-    for mode in ("off", "memory"):
-        spec = SweepSpec(models=(args.model,), data=(DataSpec(args.data),),
-                         plans=tuple(variants), decode=decode, limit=args.limit, encoder_cache=mode,
-                         name=f"bench-{mode}")
-        runner = SweepRunner(progress=False)
-        opts = DecodeOptions(**decode)
-        runner.model(args.model, device=str(opts.resolved_device()), dtype=opts.dtype)  # load untimed
+    def timed(cache):
+        calls = runner.encoder_calls
+        if options.resolved_device().type == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
-        summary = run_sweep(spec, out / mode, progress=False, runner=runner)
-        total = time.perf_counter() - t0
-        rows = {r["variant"]: r for r in latest_rows(read_rows(out / mode / "runs.jsonl")).values()}
-        bad = [r["variant"] for r in rows.values() if r["status"] != "ok"]
-        if bad:
-            print(f"runs failed under encoder_cache={mode}: {bad}", file=sys.stderr)
-            return 1
-        results[mode] = (rows, total, runner.encoder_calls, summary)
+        res = evaluate(slot.model, slot.processor, speech, options, progress=False, encoder_cache=cache)
+        if options.resolved_device().type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, runner.encoder_calls - calls, [r.get("hypothesis") for r in res.rows], res.wer
 
-    rows_off, total_off, calls_off, _ = results["off"]
-    rows_on, total_on, calls_on, _ = results["memory"]
-    n_utt = rows_off["baseline"]["summary"]["n_utterances"]
-    audio_s = (rows_off["baseline"]["summary"].get("throughput") or {}).get("audio_seconds")
-    print(f"model {args.model}, {n_utt} utterances of {args.data}, device {args.device}, {args.dtype}, "
-          f"batch {args.batch_size}; {len(variants)} decoder-only variants + baseline")
-    print(f"{'run':<26} {'wall s: no reuse':>16} {'reuse':>6} {'cpu s: no reuse':>15} {'reuse':>6} "
-          f"{'enc calls':>10} {'transcripts':>12}")
+    cache = EncoderCache()
+    base_s, base_calls, _, base_wer = timed(cache)
+    print(f"model {args.model}, {len(speech.utterances)} utterances ({audio_s:.0f} s of audio) of {args.data}; "
+          f"device {options.resolved_device()}, {options.dtype}, batch {args.batch_size}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"baseline (fills the cache): {base_s:.1f} s, {base_calls} encoder calls, WER {100 * base_wer:.2f}%")
+    print(f"{'variant':<24} {'no reuse s':>10} {'reuse s':>8} {'saved':>6} {'enc calls':>10} {'WER %':>6} {'transcripts':>12}")
+    tot_plain = tot_reuse = 0.0
     identical = True
-    pruned_off = pruned_on = cpu_off = cpu_on = 0.0
-    for name in ["baseline", *[v.name for v in variants]]:
-        a, b = rows_off[name], rows_on[name]
-        same = _hyps(out / "off" / a["run_dir"]) == _hyps(out / "memory" / b["run_dir"])
-        identical &= same and a["summary"]["wer"] == b["summary"]["wer"]
-        if name != "baseline":
-            pruned_off += a["wall_s"]
-            pruned_on += b["wall_s"]
-            cpu_off += a["cpu_s"]
-            cpu_on += b["cpu_s"]
-        print(f"{name:<26} {a['wall_s']:>16.1f} {b['wall_s']:>6.1f} {a['cpu_s']:>15.1f} {b['cpu_s']:>6.1f} "
-              f"{a['encoder_calls']:>4} -> {b['encoder_calls']:<3} {'identical' if same else 'DIFFERENT':>12}")
-    print(f"pruned variants: {pruned_off:.1f} s without reuse, {pruned_on:.1f} s with reuse "
-          f"({pruned_off / max(pruned_on, 1e-9):.2f}x faster, {100 * (1 - pruned_on / pruned_off):.0f}% saved); "
-          f"CPU time {cpu_off:.1f} s -> {cpu_on:.1f} s ({100 * (1 - cpu_on / max(cpu_off, 1e-9)):.0f}% saved)")
-    print(f"whole sweep:     {total_off:.1f} s without reuse, {total_on:.1f} s with reuse "
-          f"({total_off / max(total_on, 1e-9):.2f}x); encoder forward calls {calls_off} -> {calls_on}")
-    if audio_s:
-        print(f"audio per run: {float(audio_s):.1f} s")
-    print(f"transcripts and WER identical in every run: {'yes' if identical else 'NO'}")
-    print(f"sweep directories: {out}")
+    for k, text in enumerate(VARIANTS[: args.variants]):
+        slot.restore()
+        prune_model(slot.model, PrunePlan.parse(text))
+        assert not slot.encoder_changed(), f"{text} touches the encoder"
+        plain_t, reuse_t = [], []
+        for rep in range(args.repeats):
+            order = ("plain", "reuse") if (k + rep) % 2 == 0 else ("reuse", "plain")
+            for which in order:
+                t, calls, hyps, wer = timed(None if which == "plain" else cache)
+                if which == "plain":
+                    plain_t.append(t)
+                    plain = (calls, hyps, wer)
+                else:
+                    reuse_t.append(t)
+                    reuse = (calls, hyps, wer)
+        same = plain[1] == reuse[1] and plain[2] == reuse[2]
+        identical &= same
+        p, r = statistics.median(plain_t), statistics.median(reuse_t)
+        tot_plain += p
+        tot_reuse += r
+        print(f"{text:<24} {p:>10.1f} {r:>8.1f} {100 * (1 - r / p):>5.0f}% {plain[0]:>4} -> {reuse[0]:<3} "
+              f"{100 * plain[2]:>6.2f} {'identical' if same else 'DIFFERENT':>12}")
+    slot.restore()
+    print(f"{args.variants} decoder-only variants: {tot_plain:.1f} s without reuse, {tot_reuse:.1f} s with reuse "
+          f"({tot_plain / tot_reuse:.2f}x, {100 * (1 - tot_reuse / tot_plain):.0f}% of the time saved); "
+          f"cache {len(cache)} entries, {cache.nbytes / 2**20:.0f} MiB")
+    print(f"transcripts and WER identical with and without reuse: {'yes' if identical else 'NO'}")
     return 0 if identical else 1
 
 

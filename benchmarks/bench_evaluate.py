@@ -4,18 +4,29 @@ faster-whisper, on the same model, the same utterances and the same machine, in 
     python benchmarks/bench_evaluate.py                       # tiny.en, first 40 test-other utts
     python benchmarks/bench_evaluate.py --limit 300 --repeats 2 --json bench.json
 
-Systems:
-- ``asrprune``: ``evaluation.evaluate`` with ``DecodeOptions(protocol="standard")`` (length-sorted
-  batches, encoder run once per batch, precomputed suppress masks). Its time includes reading and
-  resampling the audio files; the other two get the audio already in memory.
+Systems (``--systems``):
+- ``asrprune``: ``evaluation.evaluate`` under the ``standard`` protocol (greedy, no timestamps),
+  batch 16: length-sorted batches, the encoder run once per batch, precomputed suppress masks.
+  Its time includes reading the audio files; all other systems get the audio already in memory.
+- ``asrprune-beam5``: the same with beam 5 (16 hypotheses = 4 utterances per call), the
+  decoding of the pipeline's defaults.
+- ``asrprune-bf16``: greedy with the model in bfloat16 (this CPU has AVX512-BF16).
 - ``pipeline``: ``transformers.pipeline("automatic-speech-recognition")`` built from the same
-  model and processor, called at its defaults (batch size 1, no chunking) on each array.
+  model and processor, called at its defaults on each array: batch size 1, no chunking, and
+  (transformers 5) ``num_beams=5``, ``max_new_tokens=256``.
+- ``pipeline-greedy``: the same with ``num_beams=1``.
 - ``faster-whisper``: ``WhisperModel(<CTranslate2 original>, compute_type="float32")``,
-  ``transcribe(beam_size=1)`` with its other defaults (temperature fallback, timestamps, no VAD).
+  ``transcribe(beam_size=1)`` with its other defaults (timestamps, temperature fallback, no VAD).
+- ``faster-whisper-greedy``: also ``without_timestamps=True, temperature=0`` (the standard
+  protocol's decoding), so its WER should match ``asrprune``'s.
 
-Every system's text is scored with the same normaliser (Whisper's English one) and jiwer. Each
-round runs every system once, in turn; the best (shortest) wall time of the rounds is reported,
-since on a shared machine other processes only ever add time. ``OMP_WAIT_POLICY=PASSIVE`` is set
+Throughput is audio seconds per wall-clock second; audio seconds per CPU second (process time,
+all threads) is printed too, as it moves much less with the load of a shared machine.
+Every system's text is scored with the same normaliser (Whisper's English one) and jiwer. The
+utterances are cut into chunks (``--chunk``) and each chunk is run by every system in turn, the
+order rotating from chunk to chunk, so that a shared machine's changing load falls on all systems
+alike; a system's time is the sum over chunks (``asrprune`` pays its per-call setup, e.g. model
+fingerprinting, once per chunk). With ``--repeats`` the best round counts. ``OMP_WAIT_POLICY=PASSIVE`` is set
 before torch is imported (``--omp-wait-policy`` changes it): with the default spinning policy two
 OpenMP threads on an oversubscribed 2-core machine slow small ops down by an order of magnitude.
 """
@@ -45,7 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", help="asrprune/pipeline dtype (faster-whisper: --ct2-compute-type)")
     p.add_argument("--ct2-compute-type", default="float32")
     p.add_argument("--repeats", type=int, default=1, help="rounds over all systems; the fastest round counts")
-    p.add_argument("--systems", default="asrprune,pipeline,faster-whisper")
+    p.add_argument("--systems", default="asrprune,asrprune-beam5,asrprune-bf16,pipeline,pipeline-greedy,"
+                   "faster-whisper,faster-whisper-greedy", help="comma-separated subset")
+    p.add_argument("--chunk", type=int, default=20, help="utterances per interleaved chunk")
     p.add_argument("--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY set before torch is imported ('' = leave)")
     p.add_argument("--json", default=None, help="also write the results here")
     return p.parse_args(argv)
@@ -62,7 +75,6 @@ def main(argv=None) -> int:
     if args.omp_wait_policy:
         os.environ.setdefault("OMP_WAIT_POLICY", args.omp_wait_policy)
     import jiwer
-    import numpy as np
     import torch
 
     from asrprune.evaluation import DecodeOptions, default_normalizer, evaluate
@@ -82,82 +94,116 @@ def main(argv=None) -> int:
     def wer_of(texts: list[str]) -> float:
         return jiwer.wer(refs, [normalizer(t) for t in texts])
 
+    # Every runner transcribes the utterances at the given indices and returns their texts.
     runners = {}
 
-    if "asrprune" in systems:
-        options = DecodeOptions(batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+    def add_asrprune(name: str, beam: int, dtype: str) -> None:
+        options = DecodeOptions(batch_size=args.batch_size, beam_size=beam, device=args.device, dtype=dtype)
+        # evaluate() casts the model it gets to the options' dtype, so each dtype gets its own copy
+        m = model if dtype == args.dtype else load_model(args.model, device=args.device, dtype=dtype)[0]
 
-        def run_asrprune() -> list[str]:
-            res = evaluate(model, processor, speech_set, options, progress=False)
+        def run(idx: list[int]) -> list[str]:
+            res = evaluate(m, processor, [utts[i] for i in idx], options, progress=False, data_name=speech_set.name)
             return [r["hypothesis"] for r in res.rows]
 
-        runners["asrprune"] = run_asrprune
+        runners[name] = run
 
-    if "pipeline" in systems:
+    if "asrprune" in systems:
+        add_asrprune("asrprune", 1, args.dtype)
+    if "asrprune-beam5" in systems:
+        add_asrprune("asrprune-beam5", 5, args.dtype)
+    if "asrprune-bf16" in systems:
+        add_asrprune("asrprune-bf16", 1, "bfloat16")
+
+    if any(s.startswith("pipeline") for s in systems):
         from transformers import pipeline
 
         pipe = pipeline("automatic-speech-recognition", model=model, tokenizer=processor.tokenizer,
                         feature_extractor=processor.feature_extractor, device=torch.device(args.device))
 
-        def run_pipeline() -> list[str]:
-            with torch.inference_mode():
-                return [pipe({"raw": a, "sampling_rate": 16000})["text"] for a in audios]
+        def pipeline_runner(**generate_kwargs):
+            def run(idx: list[int]) -> list[str]:
+                extra = {"generate_kwargs": generate_kwargs} if generate_kwargs else {}
+                with torch.inference_mode():
+                    return [pipe({"raw": audios[i], "sampling_rate": 16000}, **extra)["text"] for i in idx]
+            return run
 
-        runners["pipeline"] = run_pipeline
+        if "pipeline" in systems:  # its defaults: num_beams=5, max_new_tokens=256, batch size 1
+            runners["pipeline"] = pipeline_runner()
+        if "pipeline-greedy" in systems:
+            runners["pipeline-greedy"] = pipeline_runner(num_beams=1)
 
-    if "faster-whisper" in systems:
+    if any(s.startswith("faster-whisper") for s in systems):
         from faster_whisper import WhisperModel
 
         ct2_dir = args.ct2_dir or _default_ct2_dir()
         fw = WhisperModel(ct2_dir, device="cpu" if args.device == "cpu" else "cuda",
                           compute_type=args.ct2_compute_type, cpu_threads=args.threads)
 
-        def run_faster_whisper() -> list[str]:
-            out = []
-            for a in audios:
-                segments, _ = fw.transcribe(a, beam_size=1)
-                out.append("".join(s.text for s in segments))
-            return out
+        def fw_runner(**kwargs):
+            def run(idx: list[int]) -> list[str]:
+                out = []
+                for i in idx:
+                    segments, _ = fw.transcribe(audios[i], beam_size=1, **kwargs)
+                    out.append("".join(s.text for s in segments))
+                return out
+            return run
 
-        runners["faster-whisper"] = run_faster_whisper
+        if "faster-whisper" in systems:  # beam 1, other defaults (timestamps, temperature fallback)
+            runners["faster-whisper"] = fw_runner()
+        if "faster-whisper-greedy" in systems:  # the standard protocol's decoding: no timestamps, T=0
+            runners["faster-whisper-greedy"] = fw_runner(without_timestamps=True, temperature=0.0,
+                                                         condition_on_previous_text=False)
 
-    # Warm-up (first-call allocations, lazy imports) on two utterances, untimed.
-    warm = speech_set.utterances[:2]
-    if "asrprune" in runners:
-        evaluate(model, processor, warm, DecodeOptions(batch_size=2, device=args.device, dtype=args.dtype), progress=False)
-    if "pipeline" in runners:
-        with torch.inference_mode():
-            pipe({"raw": audios[0], "sampling_rate": 16000})
-    if "faster-whisper" in runners:
-        list(fw.transcribe(audios[0], beam_size=1)[0])
+    # Warm-up (first-call allocations, lazy imports) on one utterance each, untimed.
+    for run in runners.values():
+        run([0])
 
-    results: dict[str, dict] = {name: {"wall_s": []} for name in runners}
+    # Chunks of utterances, each run by every system in turn (the order rotating from chunk to
+    # chunk), so that the load of a shared machine falls on all systems alike.
+    chunks = [list(range(i, min(i + args.chunk, len(utts)))) for i in range(0, len(utts), args.chunk)]
+    names = list(runners)
+    results: dict[str, dict] = {name: {"wall_s": [], "cpu_s": []} for name in runners}
     load_before = os.getloadavg()
     for _ in range(args.repeats):
-        for name, run in runners.items():
-            t0 = time.perf_counter()
-            texts = run()
-            results[name]["wall_s"].append(time.perf_counter() - t0)
-            results[name]["wer"] = wer_of(texts)
+        texts: dict[str, list[str]] = {name: [] for name in names}
+        wall = dict.fromkeys(names, 0.0)
+        cpu = dict.fromkeys(names, 0.0)
+        for k, idx in enumerate(chunks):
+            for name in names[k % len(names):] + names[:k % len(names)]:
+                t0, c0 = time.perf_counter(), time.process_time()
+                texts[name] += runners[name](idx)
+                wall[name] += time.perf_counter() - t0
+                cpu[name] += time.process_time() - c0
+        for name in names:
+            results[name]["wall_s"].append(wall[name])
+            results[name]["cpu_s"].append(cpu[name])
+            results[name]["wer"] = wer_of(texts[name])
+            print(f"  {name}: {wall[name]:.1f} s wall, {cpu[name]:.1f} s CPU, WER {100 * results[name]['wer']:.2f}%",
+                  file=sys.stderr, flush=True)
     load_after = os.getloadavg()
 
     for name, r in results.items():
         r["best_wall_s"] = min(r["wall_s"])
         r["audio_s_per_s"] = audio_s / r["best_wall_s"]
+        r["audio_s_per_cpu_s"] = audio_s / min(r["cpu_s"])
     print(f"{args.model} on {len(utts)} utterances of {speech_set.name} ({audio_s:.1f} s audio), "
           f"{args.threads} threads, device {args.device}, {args.dtype}; normaliser {norm_name}; "
           f"load average {load_before[0]:.1f} -> {load_after[0]:.1f}")
-    print(f"{'system':<16}{'audio-s/s':>10}{'best wall s':>13}{'WER %':>8}   rounds (s)")
+    print(f"{'system':<24}{'audio-s/s':>10}{'audio-s/CPU-s':>15}{'best wall s':>13}{'WER %':>8}   rounds (s)")
     for name, r in results.items():
         rounds = ", ".join(f"{w:.1f}" for w in r["wall_s"])
-        print(f"{name:<16}{r['audio_s_per_s']:>10.2f}{r['best_wall_s']:>13.1f}{100 * r['wer']:>8.2f}   {rounds}")
-    if "asrprune" in results:
-        a = results["asrprune"]
-        for other in ("pipeline", "faster-whisper"):
-            if other in results:
-                o = results[other]
-                print(f"asrprune vs {other}: {a['audio_s_per_s'] / o['audio_s_per_s']:.2f}x throughput, "
-                      f"WER difference {100 * (a['wer'] - o['wer']):+.2f} points")
+        print(f"{name:<24}{r['audio_s_per_s']:>10.2f}{r['audio_s_per_cpu_s']:>15.2f}{r['best_wall_s']:>13.1f}"
+              f"{100 * r['wer']:>8.2f}   {rounds}")
+    pairs = [("asrprune", "pipeline"), ("asrprune-beam5", "pipeline"), ("asrprune", "pipeline-greedy"),
+             ("asrprune", "faster-whisper"), ("asrprune", "faster-whisper-greedy"),
+             ("asrprune-bf16", "faster-whisper"), ("asrprune-bf16", "asrprune")]
+    for mine, other in pairs:
+        if mine in results and other in results:
+            a, o = results[mine], results[other]
+            print(f"{mine} vs {other}: {a['audio_s_per_s'] / o['audio_s_per_s']:.2f}x throughput "
+                  f"({a['audio_s_per_cpu_s'] / o['audio_s_per_cpu_s']:.2f}x per CPU second), "
+                  f"WER difference {100 * (a['wer'] - o['wer']):+.2f} points")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "model": args.model, "data": args.data, "n_utterances": len(utts), "audio_s": audio_s,

@@ -98,7 +98,7 @@ def test_optimum_against_brute_force_on_default_grid():
         ParamCounts(sum(n), sum(n)),
     )
     target = 0.35
-    alloc = allocate_plan(curves, target)
+    alloc = allocate_plan(curves, target, max_extrapolation=0.2)  # caps 0.7, as the search below
     W = target * sum(n)
     best = np.inf
     for s0, s1 in itertools.product(np.arange(0, 0.7001, 0.005), repeat=2):
@@ -355,12 +355,31 @@ def test_measured_curve_with_predicted_tail():
     # without the tail the extrapolation from a zero level would call 0.7 free
     bare = curves_from_dict(data, predicted_tail=False).components[0]
     assert float(interpolate_damage(bare.points, 0.7)) == 0.0
-    alloc = allocate_plan(curves, 0.6)
+    alloc = allocate_plan(curves, 0.6, max_extrapolation=0.2)
     s = {r.id: r.sparsity for r in alloc.rows}
     assert max(s.values()) <= 0.7 + 1e-12  # cap: measured 0.5 + 0.2
+    with pytest.raises(AllocationError, match="at most 0.6000"):  # default caps: 0.5 + 0.1
+        allocate_plan(curves, 0.65)
     # marginal costs: the first 0.5 of decoder.layers.1.ffn is free, beyond it costs 5 per unit
     # sparsity; encoder.layers.0.ffn costs 0.75 per unit from 0.3 to 0.5 and about 1.5 beyond
     # (power-law tail 0.2 * 1.4**2.71 = 0.50 at 0.7, above the predicted 0.2 + 0.2)
     assert float(interpolate_damage(curves.components[1].points, 0.7)) == pytest.approx(
         0.2 * 1.4 ** (np.log(4) / np.log(5 / 3)))
     assert s == pytest.approx({"decoder.layers.1.ffn": 0.5, "encoder.layers.0.ffn": 0.7}, abs=1e-3)
+
+
+def test_measured_changes_read_with_one_standard_error():
+    deltas = {"a@0.3": [-0.3, 0.1, -0.1, 0.05], "a@0.5": [0.2, 0.4, 0.0, 0.6]}
+    comp = {"id": "a", "kind": "encoder_ffn", "n_weights": 100,
+            "ablation": {"0.3": {"loss_delta": float(np.mean(deltas["a@0.3"]))},
+                         "0.5": {"loss_delta": float(np.mean(deltas["a@0.5"]))}}}
+    data = {"components": [comp], "param_counts": {"linear": 100, "all": 100},
+            "ablation_per_utterance": {"baseline": [1, 2, 3, 4], "rows": deltas}}
+    ucb = dict(curves_from_dict(data).components[0].points)
+    for s, key in ((0.3, "a@0.3"), (0.5, "a@0.5")):
+        x = np.array(deltas[key])
+        assert ucb[s] == pytest.approx(x.mean() + x.std(ddof=1) / np.sqrt(len(x)))
+    plain = dict(curves_from_dict(data, uncertainty=0).components[0].points)
+    assert plain == pytest.approx({0.3: -0.0625, 0.5: 0.3})
+    with pytest.raises(ValueError, match="uncertainty"):
+        curves_from_dict(data, uncertainty=-1)

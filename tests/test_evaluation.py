@@ -326,7 +326,7 @@ def test_compare_excludes_failed_and_checks_references(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-def _reference_hypotheses(model, processor, utts, max_new_tokens):
+def _reference_hypotheses(model, processor, utts, max_new_tokens, num_beams=1):
     """Stock transformers: features per utterance, plain generate with the stock processors."""
     from asrprune.manifests import load_audio
 
@@ -334,7 +334,7 @@ def _reference_hypotheses(model, processor, utts, max_new_tokens):
     with torch.no_grad():
         for u in utts:
             feats = processor.feature_extractor(load_audio(u), sampling_rate=16000, return_tensors="pt").input_features
-            seq = model.generate(feats, max_new_tokens=max_new_tokens, return_timestamps=False)
+            seq = model.generate(feats, max_new_tokens=max_new_tokens, return_timestamps=False, num_beams=num_beams)
             out[u.id] = processor.tokenizer.batch_decode(seq, skip_special_tokens=True)[0].strip()
     return out
 
@@ -361,6 +361,16 @@ def test_evaluate_matches_stock_generate(tiny_model, tiny_processor, short_utts,
     assert summary["model"]["fingerprint"] and summary["data"]["fingerprint"]
     assert summary["environment"]["torch_threads"] >= 1
     assert load_result(tmp_path / "run").wer == pytest.approx(res.wer)
+
+
+def test_beam_search_matches_stock_generate(tiny_model, tiny_processor, short_utts, normalizer):
+    # batch_size counts hypotheses: 6 // 3 beams = 2 utterances per generate call
+    opts = DecodeOptions(**{**FAST, "beam_size": 3, "batch_size": 6})
+    assert opts.utterances_per_batch == 2
+    res = evaluate(tiny_model, tiny_processor, short_utts[:4], opts, progress=False, normalizer=normalizer)
+    expected = _reference_hypotheses(tiny_model, tiny_processor, short_utts[:4], 8, num_beams=3)
+    assert {r["id"]: r["hypothesis"] for r in res.rows} == expected
+    assert res.summary["throughput"]["encoder_calls"] == 2
 
 
 class _Interrupt:
@@ -594,3 +604,28 @@ def test_tiny_en_bad_input(tiny_en, shared_data, tmp_path):
     assert rows["stereo8k"]["wer"] < 0.25, rows["stereo8k"]  # telephone-band copy still transcribed
     assert rows["1089-134686-0000"]["wer"] < 0.25
     assert rows["empty_ref"]["ref_words"] == 0 and rows["empty_ref"]["insertions"] > 0
+
+
+@pytest.mark.slow
+def test_base_protocols_record_language(shared_data):
+    """Multilingual base: standard forces English, paper detects it; both recorded per utterance."""
+    from asrprune.models import load_model
+
+    model, processor = load_model("base")
+    speech_set = read_speech_set(shared_data / "librispeech_test_clean" / "manifest.jsonl", limit=3)
+    std = evaluate(model, processor, speech_set, DecodeOptions(device="cpu"), progress=False)
+    paper = evaluate(model, processor, speech_set, DecodeOptions(protocol="paper", device="cpu"), progress=False)
+    assert std.summary["generate_kwargs"]["short_form"]["language"] == "en"
+    assert "language" not in paper.summary["generate_kwargs"]["short_form"]
+    for r in std.rows + paper.rows:
+        assert r["language_detected"] == "en" and r["language"] == "en"
+    assert std.summary["languages"] == {"en": 3} and paper.summary["protocol"] == "paper"
+    assert std.wer < 0.15 and paper.wer < 0.15
+    # the paper protocol is plain generate() on the features (language detected by generate)
+    from asrprune.manifests import load_audio
+
+    with torch.no_grad():
+        for u, r in zip(speech_set.utterances, paper.rows):
+            feats = processor(load_audio(u), sampling_rate=16000, return_tensors="pt").input_features
+            text = processor.batch_decode(model.generate(feats), skip_special_tokens=True)[0].strip()
+            assert r["hypothesis"] == text

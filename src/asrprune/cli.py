@@ -203,7 +203,7 @@ def _add_allocate(sub) -> None:
     p.add_argument("--fragile-threshold", type=float, default=None,
                    help="cap each component where its damage exceeds this loss increase")
     p.add_argument("--max-sparsity", type=float, default=0.9, help="no component above this")
-    p.add_argument("--max-extrapolation", type=float, default=0.2,
+    p.add_argument("--max-extrapolation", type=float, default=0.1,
                    help="how far beyond its largest measured sparsity a component may go")
     p.add_argument("--grid-step", type=float, default=0.05, help="sparsity grid step")
     p.add_argument("--model", default=None,
@@ -683,7 +683,8 @@ def _run_sensitivity(args) -> int:
     print(f"{args.model}: {d['data']['n_utterances']} calibration utterances, baseline loss "
           f"{d['baseline_loss']:.4f} {d['loss_units']} ({d['mean_targets_per_utterance']:.1f} targets per utterance), "
           f"{len(d['components'])} components, {len(d['groups'])} groups")
-    print("wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in d["timings_s"].items()))
+    print("wall time of this session: " + ", ".join(f"{k} {v:.1f} s" for k, v in d["timings_s"].items()))
+    print("compute over all sessions: " + ", ".join(f"{k} {v:.1f} s" for k, v in d["compute_s"].items() if v is not None))
     for name, ids in d["ranking"].items():
         print(f"most sensitive by {name}: " + ", ".join(ids[:5]))
     if d["correlations"]:
@@ -694,7 +695,7 @@ def _run_sensitivity(args) -> int:
             rho = "nan" if c["rho"] is None or c["rho"] != c["rho"] else f"{c['rho']:+.2f}"
             ci = c["ci"]
             ci_text = "" if ci[0] is None or ci[0] != ci[0] else f" [{ci[0]:+.2f}, {ci[1]:+.2f}]"
-            print(f"  s={c['sparsity']:g} {c['predictor']:<24} {rho}{ci_text} (n={c['n']})")
+            print(f"  {c.get('population', 'all'):<6} s={c['sparsity']:g} {c['predictor']:<24} {rho}{ci_text} (n={c['n']})")
     print(f"wrote {args.out / 'sensitivity.json'} (+ CSV tables and heatmaps)")
     return 0
 

@@ -105,7 +105,9 @@ class DecodeOptions:
     Args:
         protocol: ``"standard"`` or ``"paper"`` (see the module docstring).
         beam_size: beams of the search (1 = greedy).
-        batch_size: utterances per ``generate`` call (short-form); results do not depend on it
+        batch_size: sequences decoded together in one ``generate`` call (short-form): that many
+            utterances with greedy search, ``ceil(batch_size / beam_size)`` with beam search
+            (every utterance carries ``beam_size`` hypotheses). Results do not depend on it
             beyond floating-point noise, so a resumed run may change it.
         dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` (aliases fp32/fp16/bf16 accepted).
         device: ``"auto"`` (CUDA when present, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
@@ -152,6 +154,11 @@ class DecodeOptions:
         object.__setattr__(self, "device", device)
         if self.language is not None and (not isinstance(self.language, str) or not self.language.strip()):
             raise ValueError(f"language must be a language code such as 'en' or None, got {self.language!r}")
+
+    @property
+    def utterances_per_batch(self) -> int:
+        """Utterances per short-form ``generate`` call (see ``batch_size``)."""
+        return max(1, -(-self.batch_size // self.beam_size))
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -1061,7 +1068,28 @@ class _Decoder:
             self.fast_gc.suppress_tokens = None
             self.fast_gc.begin_suppress_tokens = None
 
+    def _beam_cache(self):
+        """A cache for beam search that does not reorder the cross-attention keys/values.
+
+        Beam search reorders the cache every step, but beams are only ever picked among the
+        hypotheses of one utterance, whose cross-attention keys/values are identical copies; the
+        stock cache still copies all of them (batch x beams x 1500 positions per layer) every step.
+        """
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        class _SharedCrossAttentionCache(EncoderDecoderCache):
+            def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+                self.self_attention_cache.reorder_cache(beam_idx)
+
+        import copy
+
+        config = copy.deepcopy(self.model.config)
+        config.num_hidden_layers = config.decoder_layers
+        return _SharedCrossAttentionCache(DynamicCache(config=config), DynamicCache(config=config))
+
     def _generate_short(self, enc, kwargs: dict) -> torch.Tensor:
+        if kwargs.get("num_beams", 1) > 1:
+            kwargs = {**kwargs, "cache": self._beam_cache()}
         if self.fast_gc is None:
             return self.model.generate(encoder_outputs=enc, **kwargs)
         from transformers import LogitsProcessorList
@@ -1318,7 +1346,8 @@ def evaluate(
     todo_sorted = sorted(todo, key=lambda u: -(u.duration_s or 0.0))
     known_long = [u for u in todo_sorted if (u.duration_s or 0.0) > window_s + 0.5]
     short = todo_sorted[len(known_long):]
-    batches = [short[i:i + options.batch_size] for i in range(0, len(short), options.batch_size)]
+    per_call = options.utterances_per_batch
+    batches = [short[i:i + per_call] for i in range(0, len(short), per_call)]
     step = options.long_form_batch_size
     batches += [known_long[i:i + step] for i in range(0, len(known_long), step)]
     long_queue: list[tuple[Utterance, np.ndarray]] = []

@@ -534,6 +534,7 @@ class GradientStats:
         n: utterances accumulated.
         ids: their ids, in order.
         losses: their teacher-forced losses (with gradients enabled).
+        wall_s: wall time spent accumulating, summed over resumed sessions.
     """
 
     sum_abs: dict[str, Tensor]
@@ -542,6 +543,7 @@ class GradientStats:
     n: int = 0
     ids: list[str] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
 
     @classmethod
     def zeros(cls, model) -> "GradientStats":
@@ -604,7 +606,7 @@ class GradientStats:
         tmp = path.with_suffix(path.suffix + ".tmp")
         save_file(tensors, str(tmp))
         os.replace(tmp, path)
-        info = {"n": self.n, "ids": self.ids, "losses": self.losses, **(dict(meta or {}))}
+        info = {"n": self.n, "ids": self.ids, "losses": self.losses, "wall_s": self.wall_s, **(dict(meta or {}))}
         tmpj = Path(str(path) + ".json.tmp")
         tmpj.write_text(json.dumps(info), encoding="utf-8")
         os.replace(tmpj, Path(str(path) + ".json"))
@@ -620,7 +622,8 @@ class GradientStats:
         for key, v in tensors.items():
             prefix, name = key.split("/", 1)
             parts[prefix][name] = v
-        stats = cls(parts["sum_abs"], parts["sum"], parts["sum_sq"], int(info["n"]), list(info["ids"]), list(info["losses"]))
+        stats = cls(parts["sum_abs"], parts["sum"], parts["sum_sq"], int(info["n"]), list(info["ids"]), list(info["losses"]),
+                    float(info.get("wall_s") or 0.0))
         return stats, info
 
 
@@ -681,6 +684,7 @@ def accumulate_gradients(
             p.requires_grad_(True)
         bar = tqdm(total=len(examples), initial=stats.n, desc="gradients", disable=not progress, unit="utt")
         for i in range(stats.n, len(examples)):
+            t0 = time.perf_counter()
             ex = examples[i]
             model.zero_grad(set_to_none=True)
             with torch.enable_grad():
@@ -690,6 +694,7 @@ def accumulate_gradients(
             stats.n += 1
             stats.ids.append(ex.id)
             stats.losses.append(float(loss.detach()))
+            stats.wall_s += time.perf_counter() - t0
             bar.update(1)
             if checkpoint is not None and (stats.n % checkpoint_every == 0 or stats.n == len(examples)):
                 stats.save(checkpoint, {"key": key})
@@ -1155,7 +1160,8 @@ def measure_ablation(
         progress: tqdm bars.
 
     Returns:
-        ``{"baseline_loss", "baseline_losses", "baseline_wer", "rows": [...]}``; a row has
+        ``{"baseline_loss", "baseline_losses", "baseline_wer", "rows": [...], "compute_s"}``
+        (``compute_s``: wall time of the baseline pass and of every row, over resumed sessions); a row has
         ``target, sparsity, loss, loss_delta, loss_deltas`` (per utterance), ``n_removed,
         measured_sparsity, predicted`` (or None), ``wer, wer_delta, start`` (where the forward
         pass started), ``wall_s``.
@@ -1179,6 +1185,7 @@ def measure_ablation(
     baseline_wer = None
     baseline_row = done.get(_target_key("__baseline__", 0.0))
     if todo or baseline_row is None:
+        t0 = time.perf_counter()
         evaluator = _LossEvaluator(model, examples, cache_mb=cache_mb, progress=progress, reduction=reduction)
         baseline_losses = evaluator.baseline_losses
     if baseline_row is not None and baseline_losses is not None:
@@ -1188,7 +1195,8 @@ def measure_ablation(
         if wer is not None:
             baseline_wer = wer("baseline")
         baseline_row = {"key": key, "target": "__baseline__", "sparsity": 0.0, "losses": baseline_losses,
-                        "loss": float(np.mean(baseline_losses)), "wer": baseline_wer}
+                        "loss": float(np.mean(baseline_losses)), "wer": baseline_wer,
+                        "wall_s": time.perf_counter() - t0}
         _append_jsonl(results_path, baseline_row)
     baseline_losses = baseline_row["losses"]
     baseline = float(np.mean(baseline_losses))
@@ -1222,7 +1230,9 @@ def measure_ablation(
     if _fingerprint(model) != fingerprint:
         raise RuntimeError("the model's weights changed during the ablation; restore failed")
     rows = [done[_target_key(t, float(s))] for t in targets for s in sparsities]
-    return {"baseline_loss": baseline, "baseline_losses": baseline_losses, "baseline_wer": baseline_wer, "rows": rows}
+    compute = float(baseline_row.get("wall_s") or 0.0) + sum(float(r.get("wall_s") or 0.0) for r in rows)
+    return {"baseline_loss": baseline, "baseline_losses": baseline_losses, "baseline_wer": baseline_wer,
+            "rows": rows, "compute_s": compute}
 
 
 def _measured(result) -> float | None:
@@ -1313,6 +1323,10 @@ def spearman_with_ci(
 def correlate(components: Sequence[Mapping], sparsities: Sequence[float], *, n_bootstrap: int, seed: int) -> list[dict]:
     """Spearman correlations of every diagnostic / prediction with the measured ablation changes.
 
+    Computed over two populations: ``"all"`` units, and ``"linear"`` units only (attention and
+    FFN matrices, what pruning plans mostly touch; layer norms and embeddings dominate the
+    ranks of ``"all"``).
+
     Args:
         components: component rows of ``sensitivity.json`` (with ``diagnostics``, ``predicted``,
             ``ablation``); components that pruning leaves untouched at ``s`` are left out.
@@ -1320,26 +1334,30 @@ def correlate(components: Sequence[Mapping], sparsities: Sequence[float], *, n_b
         n_bootstrap, seed: bootstrap settings.
 
     Returns:
-        Rows ``{"predictor", "target", "sparsity", "rho", "p", "ci", "n"}``.
+        Rows ``{"population", "predictor", "target", "sparsity", "rho", "p", "ci", "n"}``.
     """
     rows = []
-    for s in sparsities:
-        key = f"{s:g}"
-        use = [c for c in components if key in c.get("ablation", {}) and c["ablation"][key].get("n_removed", 1) > 0]
-        predictors: dict[str, list[float]] = {}
-        for diag in DIAGNOSTICS:
-            for agg in ("mean", "sum"):
-                predictors[f"{diag}.{agg}"] = [c["diagnostics"][diag][agg] for c in use]
-        for term in PREDICTION_TERMS:
-            predictors[f"predicted.{term}"] = [c["predicted"].get(key, {}).get(term, float("nan")) for c in use]
-        for target in ("loss_delta", "wer_delta"):
-            ys = [c["ablation"][key].get(target) for c in use]
-            if all(y is None for y in ys):
+    populations = {"all": list(components), "linear": [c for c in components if c.get("linear")]}
+    for population, members in populations.items():
+        for s in sparsities:
+            key = f"{s:g}"
+            use = [c for c in members if key in c.get("ablation", {}) and c["ablation"][key].get("n_removed", 1) > 0]
+            if not use:
                 continue
-            ys = [float("nan") if y is None else float(y) for y in ys]
-            for name, xs in predictors.items():
-                r = spearman_with_ci(xs, ys, n_bootstrap=n_bootstrap, seed=seed)
-                rows.append({"predictor": name, "target": target, "sparsity": s, **r})
+            predictors: dict[str, list[float]] = {}
+            for diag in DIAGNOSTICS:
+                for agg in ("mean", "sum"):
+                    predictors[f"{diag}.{agg}"] = [c["diagnostics"][diag][agg] for c in use]
+            for term in PREDICTION_TERMS:
+                predictors[f"predicted.{term}"] = [c["predicted"].get(key, {}).get(term, float("nan")) for c in use]
+            for target in ("loss_delta", "wer_delta"):
+                ys = [c["ablation"][key].get(target) for c in use]
+                if all(y is None for y in ys):
+                    continue
+                ys = [float("nan") if y is None else float(y) for y in ys]
+                for name, xs in predictors.items():
+                    r = spearman_with_ci(xs, ys, n_bootstrap=n_bootstrap, seed=seed)
+                    rows.append({"population": population, "predictor": name, "target": target, "sparsity": s, **r})
     return rows
 
 
@@ -1628,6 +1646,9 @@ def score_sensitivity(
         "prediction_check": prediction_check(comp_rows, options.ablation_sparsities) if ablation else [],
         "ranking": ranking,
         "timings_s": timings,
+        # what each step cost, summed over the sessions that did it (timings_s: this session only)
+        "compute_s": {"labels": timings["labels"], "gradients": stats.wall_s,
+                      "ablation": ablation["compute_s"] if ablation else None},
         "env": _env(),
     }
     if ablation is not None:
@@ -1778,8 +1799,9 @@ def write_outputs(result: SensitivityResult | Mapping, out_dir: str | os.PathLik
                  a.get("wer"), a.get("wer_delta"), a.get("wall_s")] for u in units for s, a in u["ablation"].items()))
     written.append(p)
     p = out / "correlations.csv"
-    _write_csv(p, ["predictor", "target", "sparsity", "rho", "ci_low", "ci_high", "p", "n"],
-               ([c["predictor"], c["target"], c["sparsity"], c["rho"], c["ci"][0], c["ci"][1], c["p"], c["n"]] for c in data["correlations"]))
+    _write_csv(p, ["population", "predictor", "target", "sparsity", "rho", "ci_low", "ci_high", "p", "n"],
+               ([c.get("population", "all"), c["predictor"], c["target"], c["sparsity"], c["rho"], c["ci"][0], c["ci"][1], c["p"], c["n"]]
+                for c in data["correlations"]))
     written.append(p)
     p = out / "prediction_check.csv"
     cols = ["sparsity", "predicted", "n", "median_ratio", "sign_agreement", "within_2x", "pearson_log"]
@@ -1795,7 +1817,9 @@ def write_outputs(result: SensitivityResult | Mapping, out_dir: str | os.PathLik
 
 
 def _heatmaps(data: Mapping, out: Path) -> list[Path]:
+    from matplotlib import patheffects
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import SymLogNorm
     from matplotlib.figure import Figure
 
     rows = [c for c in data["components"] if c.get("layer") is not None]
@@ -1827,7 +1851,13 @@ def _heatmaps(data: Mapping, out: Path) -> list[Path]:
         fig = Figure(figsize=(1.2 + 1.1 * len(kinds), 1.2 + 0.45 * len(layers)))
         FigureCanvasAgg(fig)
         ax = fig.add_subplot(1, 1, 1)
-        im = ax.imshow(grid, aspect="auto", cmap="viridis")
+        norm = None
+        finite = np.abs(grid[np.isfinite(grid) & (grid != 0)])
+        if not log10 and finite.size and finite.max() / max(finite.min(), 1e-12) > 100:
+            # loss changes span orders of magnitude (layer norms vs matrices): symmetric log scale
+            norm = SymLogNorm(linthresh=float(np.percentile(finite, 20)), base=10)
+            title += " (symlog colour scale)"
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", norm=norm)
         ax.set_xticks(range(len(kinds)), kinds, rotation=35, ha="right", fontsize=8)
         ax.set_yticks(range(len(layers)), [str(l) for l in layers], fontsize=8)
         ax.set_ylabel("layer")
@@ -1835,7 +1865,8 @@ def _heatmaps(data: Mapping, out: Path) -> list[Path]:
         for i in range(len(layers)):
             for j in range(len(kinds)):
                 if np.isfinite(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.2g}", ha="center", va="center", fontsize=6, color="w")
+                    ax.text(j, i, f"{grid[i, j]:.2g}", ha="center", va="center", fontsize=6, color="w",
+                            path_effects=[patheffects.withStroke(linewidth=1.5, foreground="black")])
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
         p = out / f"heatmap_{name}.png"

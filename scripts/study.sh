@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up everything (scripts/setup.sh) and run the main job: the paper's study on the embedded
+# whisper tiny.en, evaluated on the LibriSpeech test-other sample in ../shared/data and
+# calibrated on LJ Speech LJ001-* (disjoint from every evaluation set). Sized to finish within
+# about 30 minutes on a 2-core CPU; rerunning resumes. Extra arguments go to `asrprune reproduce`
+# (e.g. --limit 300 --preset full for the whole grid).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+DATA=${ASRPRUNE_SHARED_DATA:-../shared/data}
+exec .venv/bin/asrprune reproduce tiny.en "$DATA/librispeech_test_other/manifest.jsonl" \
+    --calibration "$DATA/ljspeech/manifest.jsonl::LJ001-*" \
+    --out runs/study --limit 60 --calibration-limit 20 "$@"
