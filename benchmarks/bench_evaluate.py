@@ -44,7 +44,8 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="tiny.en", help="asrprune.load_model spec")
     p.add_argument("--ct2-dir", default=None,
                    help="CTranslate2 directory for faster-whisper (default: the embedded original of tiny.en)")
@@ -59,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--systems", default="asrprune,asrprune-beam5,asrprune-bf16,pipeline,pipeline-greedy,"
                    "faster-whisper,faster-whisper-greedy", help="comma-separated subset")
     p.add_argument("--chunk", type=int, default=20, help="utterances per interleaved chunk")
-    p.add_argument("--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY set before torch is imported ('' = leave)")
+    p.add_argument("--omp-wait-policy", default="PASSIVE",
+                   help="OMP_WAIT_POLICY set before torch is imported ('' = leave)")
     p.add_argument("--json", default=None, help="also write the results here")
     return p.parse_args(argv)
 

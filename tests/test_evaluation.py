@@ -59,7 +59,8 @@ def tiny_processor():
     from transformers import WhisperFeatureExtractor, WhisperProcessor, WhisperTokenizer
 
     tok_file = Path(mnm.__file__).parent / "model" / "tokenizer.json"
-    return WhisperProcessor(feature_extractor=WhisperFeatureExtractor(), tokenizer=WhisperTokenizer(tokenizer_file=str(tok_file)))
+    tokenizer = WhisperTokenizer(tokenizer_file=str(tok_file))
+    return WhisperProcessor(feature_extractor=WhisperFeatureExtractor(), tokenizer=tokenizer)
 
 
 def _tiny_model(seed: int = 0):

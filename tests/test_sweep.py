@@ -476,3 +476,21 @@ def test_tiny_en_decoder_only_variant_reuses_encoder_with_identical_transcripts(
                    DecodeOptions(device="cpu", batch_size=1), progress=False)
     assert {r["id"]: r["hypothesis"] for r in res.rows} == _hyps(tmp_path / "s" / pruned["run_dir"])
     assert pruned["summary"]["wer"] == pytest.approx(res.wer)
+
+
+@pytest.mark.parametrize("flags", [["--sparsities", "50"], ["--sparsities", "0.3,x"], ["--protocols", "greedy"]])
+def test_reproduce_cli_rejects_bad_flags(flags, tmp_path, capsys):
+    from asrprune.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["reproduce", "tiny.en", "data.jsonl", "--calibration", "c.jsonl", "--out", str(tmp_path), *flags])
+    assert exc.value.code == 2 and flags[0] in capsys.readouterr().err
+
+
+def test_sweep_cli_names_a_bad_spec(tmp_path, capsys):
+    from asrprune.cli import main
+
+    (tmp_path / "s.yaml").write_text("models: [tiny.en]\ndata: [x.jsonl]\nsparsity: [0.5]\n")
+    assert main(["sweep", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "s.yaml" in err and "'sparsity'" in err

@@ -345,6 +345,9 @@ def _add_reproduce(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="decoding batch size")
     p.add_argument("--device", default=None, help="decoding device (auto, cpu, cuda)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="cap on generated tokens per 30 s window (default: the evaluation's, 444); "
+                   "bounds the time a collapsed, hallucinating variant takes")
     p.add_argument("--encoder-cache", choices=("memory", "disk", "off"), default="memory",
                    help="reuse the unpruned encoder's outputs for variants that leave it untouched")
     p.add_argument("--allow-overlap", action="store_true",
@@ -361,8 +364,8 @@ def _run_reproduce(args) -> int:
     for flag, value in (("--limit", args.limit), ("--sample", args.sample), ("--calibration-limit", args.calibration_limit)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be a positive integer, got {value}")
-    decode = {k: v for k, v in (("batch_size", args.batch_size), ("device", args.device), ("dtype", args.dtype))
-              if v is not None}
+    decode = {k: v for k, v in (("batch_size", args.batch_size), ("device", args.device), ("dtype", args.dtype),
+                                ("max_new_tokens", args.max_new_tokens)) if v is not None}
     result = reproduce(
         args.model, args.data, args.calibration, args.out,
         limit=args.limit, sample=args.sample, seed=args.seed, protocols=args.protocols,
@@ -883,7 +886,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in _COMMANDS:
+    # help lists the commands in the order of a study, whatever order the sections are in
+    order = ("models", "components", "evaluate", "compare", "prune", "export", "sensitivity",
+             "allocate", "sweep", "reproduce", "report")
+    rank = {f"_add_{name}": i for i, name in enumerate(order)}
+    for add in sorted(_COMMANDS, key=lambda f: rank.get(f.__name__, len(order))):
         add(sub)
     return parser
 

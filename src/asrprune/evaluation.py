@@ -22,7 +22,9 @@ Protocols (recorded as ``protocol`` in every result):
 ``paper``
     What the study's authors ran: plain ``model.generate(features)`` with the checkpoint's
     generation-config defaults, so a multilingual model detects the language itself. Only the
-    beam size and token cap of the options are passed (and ``language`` when it is set).
+    beam size and token cap of the options are passed (and ``language`` when it is set;
+    utterances over 30 s get ``return_timestamps=True``, which long-form generation requires,
+    where the authors' pipeline silently truncated them to 30 s).
 
 Utterances longer than the model's 30 s window are never truncated: they are decoded whole with
 transformers' sequential long-form generation (full-length features, ``attention_mask``,
@@ -469,7 +471,9 @@ def paired_bootstrap(
     b = np.asarray(errors_b, dtype=np.float64)
     w = np.asarray(ref_words, dtype=np.float64)
     if not (a.shape == b.shape == w.shape) or a.ndim != 1 or len(a) == 0:
-        raise ValueError(f"errors_a, errors_b and ref_words must be 1-D of one non-zero length, got {a.shape}, {b.shape}, {w.shape}")
+        raise ValueError(
+            f"errors_a, errors_b and ref_words must be 1-D of one non-zero length, got {a.shape}, {b.shape}, {w.shape}"
+        )
     return bootstrap_ci(b - a, w, n_resamples=n_resamples, confidence=confidence, seed=seed, groups=groups)
 
 
@@ -651,8 +655,9 @@ def _summarize(
     if scored:
         groups = [r.get("speaker") or r["id"] for r in scored] if bootstrap_speakers else None
         kw = dict(n_resamples=bootstrap_n, seed=bootstrap_seed, groups=groups, confidence=confidence)
-        wlo, whi = bootstrap_ci([ErrorCounts.from_row(r).errors for r in scored], [r["ref_words"] for r in scored], **kw)
-        clo, chi = bootstrap_ci([ErrorCounts.from_row(r).char_errors for r in scored], [r["ref_chars"] for r in scored], **kw)
+        counts_each = [ErrorCounts.from_row(r) for r in scored]
+        wlo, whi = bootstrap_ci([c.errors for c in counts_each], [c.ref_words for c in counts_each], **kw)
+        clo, chi = bootstrap_ci([c.char_errors for c in counts_each], [c.ref_chars for c in counts_each], **kw)
         out["wer_ci"] = [_finite(wlo), _finite(whi)]
         out["cer_ci"] = [_finite(clo), _finite(chi)]
     out["bootstrap"] = {
@@ -923,16 +928,25 @@ def _is_multilingual(model) -> bool:
 
 def _generate_kwargs(model, options: DecodeOptions, *, long_form: bool) -> dict:
     """The keyword arguments ``generate`` gets under the options' protocol."""
-    kw: dict[str, Any] = {"max_new_tokens": options.max_new_tokens, "num_beams": options.beam_size}
     multilingual = _is_multilingual(model)
+    # The prompt (start, [language, task,] no-timestamps) and the new tokens share the decoder's
+    # positions; more new tokens than fit would index past the position table.
+    prompt_len = 4 if multilingual else 2
+    max_new = max(1, min(options.max_new_tokens, model.config.max_target_positions - prompt_len))
+    kw: dict[str, Any] = {"max_new_tokens": max_new, "num_beams": options.beam_size}
     if options.protocol == "standard":
         kw.update(do_sample=False, temperature=0.0, condition_on_prev_tokens=False)
         # Long-form generation needs timestamp tokens to move its 30 s window.
         kw["return_timestamps"] = bool(long_form)
         if multilingual:
             kw.update(language=options.language or "en", task="transcribe")
-    elif options.language and multilingual:
-        kw["language"] = options.language
+    else:
+        if options.language and multilingual:
+            kw["language"] = options.language
+        if long_form:
+            # The authors' pipeline truncated audio to 30 s (the feature extractor's default);
+            # we never truncate, and transformers' long-form algorithm needs timestamp tokens.
+            kw["return_timestamps"] = True
     if not multilingual and options.language not in (None, "en", "english"):
         raise ValueError(f"language={options.language!r} was set, but the model is English-only")
     return kw
@@ -1156,18 +1170,30 @@ class _Decoder:
             hidden = self._encode(ids, features)  # (B, T, D)
             enc = BaseModelOutput(last_hidden_state=hidden)
             detected = self._detect(len(ids), encoder_outputs=enc)
-            sequences = self._generate_short(enc, kwargs)
+            try:
+                sequences = self._generate_short(enc, kwargs)
+            except TypeError as exc:
+                # A damaged (pruned) model can emit timestamp tokens although none were asked
+                # for; transformers then seeks into a second window, which it can only do from
+                # input features, not from encoder outputs. Decode this batch the stock way.
+                if "NoneType" not in str(exc):
+                    raise
+                log.info("batch of %d re-decoded from input features: %s", len(ids), exc)
+                sequences = self.model.generate(input_features=features, **kwargs)
         if isinstance(sequences, dict) or hasattr(sequences, "sequences"):
             sequences = sequences["sequences"]
         texts = self.processor.tokenizer.batch_decode(sequences, skip_special_tokens=True)
-        n_tokens = (sequences != self.pad_id).sum(-1).tolist() if self.pad_id is not None else [sequences.shape[-1]] * len(ids)
+        if self.pad_id is not None:  # pad == eos for Whisper: counts the tokens before end-of-text
+            n_tokens = (sequences != self.pad_id).sum(-1).tolist()
+        else:
+            n_tokens = [sequences.shape[-1]] * len(ids)
         forced = kwargs.get("language")
         out = []
         for k in range(len(ids)):
             out.append({
                 "hypothesis": texts[k].strip(),
                 "n_tokens": int(n_tokens[k]),
-                "hit_token_cap": (not long_form) and int(n_tokens[k]) >= self.options.max_new_tokens,
+                "hit_token_cap": (not long_form) and int(n_tokens[k]) >= kwargs["max_new_tokens"],
                 "language": forced or detected[k] or (None if self.multilingual else "en"),
                 "language_detected": detected[k],
                 "long_form": long_form,
@@ -1477,5 +1503,6 @@ def evaluate(
     }
     if out_path is not None:
         _atomic_write(out_path / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    log.info("WER %.4f over %d utterances (%d failed)", summary["wer"] or math.nan, summary["n_utterances"], summary["n_failed"])
+    log.info("WER %.4f over %d utterances (%d failed)", summary["wer"] or math.nan, summary["n_utterances"],
+             summary["n_failed"])
     return _result_from(summary, rows, out_path)
