@@ -5,8 +5,7 @@
 # about 30 minutes on a 2-core CPU; rerunning resumes. Extra arguments go to `asrprune reproduce`
 # (e.g. --limit 300 --preset full for the whole grid). --max-new-tokens 200 bounds the time a
 # collapsed variant spends looping (tiny.en's longest hypothesis on the 300 test-other utterances
-# has 136 tokens); the
-# cap is recorded with every result and a capped hypothesis is flagged as a hallucination.
+# has 136 tokens); the cap is recorded with every result and a capped hypothesis is flagged as a hallucination.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
