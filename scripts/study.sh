@@ -12,4 +12,4 @@ bash scripts/setup.sh
 DATA=${ASRPRUNE_SHARED_DATA:-../shared/data}
 exec .venv/bin/asrprune reproduce tiny.en "$DATA/librispeech_test_other/manifest.jsonl" \
     --calibration "$DATA/ljspeech/manifest.jsonl::LJ001-*" \
-    --out runs/study --limit 20 --calibration-limit 5 --sparsities 0.5 --max-new-tokens 200 "$@"
+    --out runs/study --limit 40 --calibration-limit 10 --sparsities 0.3,0.5 --max-new-tokens 200 "$@"
