@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -121,7 +122,8 @@ def main(argv=None) -> int:
         from transformers import pipeline
 
         pipe = pipeline("automatic-speech-recognition", model=model, tokenizer=processor.tokenizer,
-                        feature_extractor=processor.feature_extractor, device=torch.device(args.device))
+                        feature_extractor=processor.feature_extractor, device=torch.device(args.device),
+                        dtype=model.dtype)  # features cast to the model's dtype (fp16 on a GPU)
 
         def pipeline_runner(**generate_kwargs):
             def run(idx: list[int]) -> list[str]:
@@ -189,8 +191,9 @@ def main(argv=None) -> int:
         r["best_wall_s"] = min(r["wall_s"])
         r["audio_s_per_s"] = audio_s / r["best_wall_s"]
         r["audio_s_per_cpu_s"] = audio_s / min(r["cpu_s"])
+    device_name = torch.cuda.get_device_name() if str(args.device).startswith("cuda") else platform.processor() or "cpu"
     print(f"{args.model} on {len(utts)} utterances of {speech_set.name} ({audio_s:.1f} s audio), "
-          f"{args.threads} threads, device {args.device}, {args.dtype}; normaliser {norm_name}; "
+          f"{args.threads} threads, device {args.device} ({device_name}), {args.dtype}, batch {args.batch_size}; normaliser {norm_name}; "
           f"load average {load_before[0]:.1f} -> {load_after[0]:.1f}")
     print(f"{'system':<24}{'audio-s/s':>10}{'audio-s/CPU-s':>15}{'best wall s':>13}{'WER %':>8}   rounds (s)")
     for name, r in results.items():
@@ -211,7 +214,7 @@ def main(argv=None) -> int:
             "model": args.model, "data": args.data, "n_utterances": len(utts), "audio_s": audio_s,
             "threads": args.threads, "device": args.device, "dtype": args.dtype, "batch_size": args.batch_size,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_average": [load_before, load_after],
-            "torch": torch.__version__, "results": results,
+            "device_name": device_name, "torch": torch.__version__, "results": results,
         }, indent=2) + "\n")
     return 0
 

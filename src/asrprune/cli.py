@@ -334,8 +334,10 @@ def _add_reproduce(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of --sample")
     p.add_argument("--calibration-limit", type=int, default=None,
                    help="calibration utterances (default: the preset's; quick 20, full all)")
-    p.add_argument("--preset", choices=("quick", "full"), default="quick",
-                   help="quick: 30/50%% sweeps and 5 probes; full: the paper's 10-50%% grids")
+    p.add_argument("--preset", choices=("quick", "main", "full"), default="quick",
+                   help="quick: 30/50%% sweeps and 5 probes; main: the paper's headline configurations "
+                   "(decoder self-attn 50%%, late encoder 50%%, decoder FFN 30%%, global/uniform 40%%, "
+                   "the paper's plans, sensitivity-aware 40%%); full: the paper's 10-50%% grids")
     p.add_argument("--sparsities", type=_fractions, default=None,
                    help="levels of the component sweeps, e.g. 0.3,0.5 (replaces the preset's)")
     p.add_argument("--protocols", type=_protocol_list, default=("standard",),
@@ -350,12 +352,23 @@ def _add_reproduce(sub) -> None:
                    "bounds the time a collapsed, hallucinating variant takes")
     p.add_argument("--encoder-cache", choices=("memory", "disk", "off"), default="memory",
                    help="reuse the unpruned encoder's outputs for variants that leave it untouched")
+    p.add_argument("--ablation-sparsities", type=_sparsity_list, default=None,
+                   help="sparsities of the sensitivity stage's measured ablation (default 0.3,0.5; "
+                   "e.g. 0.5 alone halves that stage on a large model)")
     p.add_argument("--allow-overlap", action="store_true",
                    help="let calibration overlap evaluation data (recorded; not recommended)")
     p.add_argument("--retry-failed", action="store_true", help="rerun runs that failed before")
     p.add_argument("--no-report", action="store_true", help="do not build the report at the end")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_reproduce)
+
+
+def _study_sensitivity_options(args):
+    if args.ablation_sparsities is None:
+        return None
+    from .sensitivity import SensitivityOptions
+
+    return SensitivityOptions(ablation_sparsities=tuple(args.ablation_sparsities))
 
 
 def _run_reproduce(args) -> int:
@@ -372,6 +385,7 @@ def _run_reproduce(args) -> int:
         preset=args.preset, sparsities=args.sparsities, calibration_limit=args.calibration_limit,
         decode=decode, target=args.target, allow_overlap=args.allow_overlap,
         retry_failed=args.retry_failed, encoder_cache=args.encoder_cache,
+        sensitivity_options=_study_sensitivity_options(args),
         progress=not args.no_progress, report=not args.no_report,
     )
     d = result.to_dict()

@@ -1317,7 +1317,7 @@ def run_sweep(
 # reproduce: the paper's study in one call
 # ----------------------------------------------------------------------------------------------
 
-PRESETS = ("quick", "full")
+PRESETS = ("quick", "main", "full")
 STUDY_TARGET = 0.4  # the paper's ~40% models (global magnitude, sensitivity-aware)
 
 
@@ -1329,12 +1329,21 @@ class StudyGrid:
     late_encoder: tuple[float, ...]
     probes: tuple[tuple[str, float], ...]  # (selector, sparsity): the paper's fragility probes
     calibration_limit: int | None
+    # per-group levels ((selector, levels), ...) replacing ``components``/``late_encoder``;
+    # a group not listed is not swept (the ``main`` preset)
+    group_levels: tuple[tuple[str, tuple[float, ...]], ...] | None = None
 
     @classmethod
     def preset(cls, name: str, sparsities: Sequence[float] | None = None) -> "StudyGrid":
-        """``quick`` (sized for a 2-core CPU) or ``full`` (the paper's 10-50% grids).
+        """``quick`` (sized for a 2-core CPU), ``main`` or ``full`` (the paper's 10-50% grids).
 
-        ``sparsities`` replaces the component and late-encoder levels.
+        ``main`` is the paper's headline configurations alone: decoder self-attention 50%, late
+        encoder 50%, decoder FFN 30%, no cross-attention sweep and no probes (global, uniform,
+        the paper's plans and the sensitivity-aware plan are in every preset); calibration on
+        all the utterances given.
+
+        ``sparsities`` replaces the component and late-encoder levels (and ``main``'s
+        per-group levels: every group of the sweep at those levels).
         """
         if name == "quick":
             grid = cls(
@@ -1348,6 +1357,14 @@ class StudyGrid:
                     ("token_embeddings", 0.2),
                 ),
                 calibration_limit=20,
+            )
+        elif name == "main":
+            grid = cls(
+                components=(),
+                late_encoder=(),
+                probes=(),
+                calibration_limit=None,
+                group_levels=(("decoder_self_attn", (0.5,)), ("late_encoder", (0.5,)), ("decoder_ffn", (0.3,))),
             )
         elif name == "full":
             grid = cls(
@@ -1369,7 +1386,7 @@ class StudyGrid:
             raise SweepSpecError(f"preset {name!r} unknown; choose one of {', '.join(PRESETS)}")
         if sparsities:
             levels = tuple(sorted({_check_sparsity(x, "--sparsities") for x in sparsities}))
-            grid = dataclasses.replace(grid, components=levels, late_encoder=levels)
+            grid = dataclasses.replace(grid, components=levels, late_encoder=levels, group_levels=None)
         return grid
 
 
@@ -1510,8 +1527,12 @@ def study_variants(
     from asrprune.config import PlanEntry, PrunePlan
 
     out: list[Variant] = []
+    per_group = dict(grid.group_levels) if grid.group_levels is not None else None
     for selector, label in STUDY_GROUPS:
-        levels = grid.late_encoder if selector == "late_encoder" else grid.components
+        if per_group is not None:
+            levels = per_group.get(selector, ())
+        else:
+            levels = grid.late_encoder if selector == "late_encoder" else grid.components
         for s in levels:
             out.append(
                 Variant(
