@@ -57,17 +57,22 @@ pack)
   ls -l "$REPO"/.dev/p?
   ;;
 unpack)
-  mkdir -p /tmp/dev "$RESULTS"
-  pieces=(); for i in 0 1 2 3 4 5 6 7 8 9; do [ -f "$REPO/.dev/p$i" ] || break; pieces+=("$REPO/.dev/p$i"); done
-  echo "pieces here: ${#pieces[@]}"
-  # A file cut at the end of the last piece is a model's .gz (see pack's order): drop it so the
-  # next extraction writes it whole; files already there are never rewritten (a running job
-  # may be reading them).
-  for gz in $DEV/cache/models/*/model.safetensors.gz; do
-    if [ -f "$gz" ] && ! gzip -t "$gz" 2>/dev/null; then rm -f "$gz"; fi
-  done
-  cat "${pieces[@]}" | tar -x --skip-old-files -C /tmp/dev 2>/dev/null || echo "(the last member is cut: more pieces to come)"
-  mkdir -p /tmp/site
+  # The device keeps what a call leaves under /tmp while it stays warm, but not the carried
+  # files of an earlier call: each call's piece is copied to /tmp/dev/pieces first.
+  mkdir -p /tmp/dev/pieces "$RESULTS" /tmp/site
+  for f in "$REPO"/.dev/p?; do [ -f "$f" ] && cp -n "$f" /tmp/dev/pieces/; done
+  pieces=(); for i in 0 1 2 3 4 5 6 7 8 9; do [ -f /tmp/dev/pieces/p$i ] || break; pieces+=(/tmp/dev/pieces/p$i); done
+  echo "pieces there: ${#pieces[@]}"
+  if compgen -G "/tmp/dev/running.*" >/dev/null; then
+    # a job may be reading the files: never rewrite one; the cut one is a model's .gz (pack's order)
+    for gz in $DEV/cache/models/*/model.safetensors.gz; do
+      if [ -f "$gz" ] && ! gzip -t "$gz" 2>/dev/null; then rm -f "$gz"; fi
+    done
+    cat "${pieces[@]}" | tar -x --skip-old-files -C /tmp/dev 2>/dev/null || echo "(the last member is cut: more pieces to come)"
+  else
+    rm -rf $DEV
+    cat "${pieces[@]}" | tar -x -C /tmp/dev 2>/dev/null || echo "(the last member is cut: more pieces to come)"
+  fi
   if [ ! -f /tmp/site/.done ] && [ -d $DEV/whl ]; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $DEV/whl/*.whl
     touch /tmp/site/.done
@@ -85,7 +90,7 @@ smoke)
     --calibration "$TO::7*" --device cuda --out /tmp/dev/smoke
   ;;
 base)
-  mkdir -p "$RESULTS"
+  mkdir -p "$RESULTS"; touch /tmp/dev/running.base; trap 'rm -f /tmp/dev/running.base' EXIT
   $PY "$REPO/benchmarks/bench_evaluate.py" --model base --data "$TO" --limit 100 --device cuda \
     --dtype float16 --batch-size 64 --threads 8 --systems asrprune,asrprune-beam5,pipeline,pipeline-greedy \
     --json "$RESULTS/bench_base_fp16_cuda.json" 2>&1 | grep -v "max_new_tokens.*max_length" | tee "$RESULTS/bench_base_fp16_cuda.txt"
@@ -93,7 +98,7 @@ base)
     --preset main --ablation-sparsities 0.5 --device cuda --batch-size 32 --no-progress
   ;;
 tiny)
-  mkdir -p "$RESULTS"
+  mkdir -p "$RESULTS"; touch /tmp/dev/running.tiny; trap 'rm -f /tmp/dev/running.tiny' EXIT
   $PY -m asrprune reproduce tiny.en "$TO" "$E22" "$LJ::LJ002-*" --calibration "$LJ::LJ001-*" \
     --out "$RESULTS/study_tiny" --preset main --device cuda --batch-size 32 --no-progress
   ;;
