@@ -5,7 +5,7 @@ fills it); then each of N variants that prune only decoder weights is evaluated 
 recomputing the encoder (no cache) and once reusing the baseline's encoder outputs (the cache),
 back to back, alternating which goes first so that a change of machine load hits both alike.
 The weights are restored exactly between variants the way ``SweepRunner`` does it. Prints the
-wall time of every evaluation, the totals over the variants, the encoder forward calls (counted
+wall time of every evaluation, the totals over the variants, the encoder windows (counted
 by a hook on the encoder) and checks that transcripts are identical with and without reuse
 (exit status 1 if not).
 
@@ -60,22 +60,22 @@ def main(argv=None) -> int:
     audio_s = sum(u.duration_s or 0.0 for u in speech.utterances)
 
     def timed(cache):
-        calls = runner.encoder_calls
+        calls = runner.encoder_windows
         if options.resolved_device().type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         res = evaluate(slot.model, slot.processor, speech, options, progress=False, encoder_cache=cache)
         if options.resolved_device().type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - t0, runner.encoder_calls - calls, [r.get("hypothesis") for r in res.rows], res.wer
+        return time.perf_counter() - t0, runner.encoder_windows - calls, [r.get("hypothesis") for r in res.rows], res.wer
 
     cache = EncoderCache()
     base_s, base_calls, _, base_wer = timed(cache)
     print(f"model {args.model}, {len(speech.utterances)} utterances ({audio_s:.0f} s of audio) of {args.data}; "
           f"device {options.resolved_device()}, {options.dtype}, batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads")
-    print(f"baseline (fills the cache): {base_s:.1f} s, {base_calls} encoder calls, WER {100 * base_wer:.2f}%")
-    print(f"{'variant':<24} {'no reuse s':>10} {'reuse s':>8} {'saved':>6} {'enc calls':>10} {'WER %':>6} {'transcripts':>12}")
+    print(f"baseline (fills the cache): {base_s:.1f} s, {base_calls} encoder windows, WER {100 * base_wer:.2f}%")
+    print(f"{'variant':<24} {'no reuse s':>10} {'reuse s':>8} {'saved':>6} {'enc windows':>11} {'WER %':>6} {'transcripts':>12}")
     tot_plain = tot_reuse = 0.0
     identical = True
     for k, text in enumerate(VARIANTS[: args.variants]):

@@ -11,6 +11,7 @@ Systems (``--systems``):
 - ``asrprune-beam5``: the same with beam 5 (16 hypotheses = 4 utterances per call), the
   decoding of the pipeline's defaults.
 - ``asrprune-bf16``: greedy with the model in bfloat16 (this CPU has AVX512-BF16).
+- ``asrprune-beam5-bf16``: beam 5 in bfloat16.
 - ``pipeline``: ``transformers.pipeline("automatic-speech-recognition")`` built from the same
   model and processor, called at its defaults on each array: batch size 1, no chunking, and
   (transformers 5) ``num_beams=5``, ``max_new_tokens=256``.
@@ -117,6 +118,8 @@ def main(argv=None) -> int:
         add_asrprune("asrprune-beam5", 5, args.dtype)
     if "asrprune-bf16" in systems:
         add_asrprune("asrprune-bf16", 1, "bfloat16")
+    if "asrprune-beam5-bf16" in systems:
+        add_asrprune("asrprune-beam5-bf16", 5, "bfloat16")
 
     if any(s.startswith("pipeline") for s in systems):
         from transformers import pipeline
@@ -202,7 +205,8 @@ def main(argv=None) -> int:
               f"{100 * r['wer']:>8.2f}   {rounds}")
     pairs = [("asrprune", "pipeline"), ("asrprune-beam5", "pipeline"), ("asrprune", "pipeline-greedy"),
              ("asrprune", "faster-whisper"), ("asrprune", "faster-whisper-greedy"),
-             ("asrprune-bf16", "faster-whisper"), ("asrprune-bf16", "asrprune")]
+             ("asrprune-bf16", "faster-whisper"), ("asrprune-bf16", "faster-whisper-greedy"),
+             ("asrprune-beam5-bf16", "pipeline"), ("asrprune-bf16", "asrprune")]
     for mine, other in pairs:
         if mine in results and other in results:
             a, o = results[mine], results[other]

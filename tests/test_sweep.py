@@ -294,19 +294,20 @@ def test_encoder_reuse_identical_transcripts_and_fewer_encoder_calls(tiny_dir, s
         run_sweep(spec, tmp_path / mode, progress=False, runner=runner)
         rows = {r["variant"]: r for r in latest_rows(read_rows(tmp_path / mode / "runs.jsonl")).values()}
         assert all(r["status"] == "ok" for r in rows.values())
-        outs[mode] = (rows, runner.encoder_calls)
+        outs[mode] = (rows, runner.encoder_windows)
     reuse, plain = outs["memory"][0], outs["off"][0]
     for variant, row in reuse.items():
         assert row["run_id"] == plain[variant]["run_id"]
         assert _hyps(tmp_path / "memory" / row["run_dir"]) == _hyps(tmp_path / "off" / row["run_dir"])
         assert row["summary"]["wer"] == plain[variant]["summary"]["wer"]
-    # encoder forward calls counted by a hook on the encoder (one batch of 3 utterances per run)
-    assert reuse["baseline"]["encoder_calls"] == 1
-    assert reuse["decoder_self_attn@0.5"]["encoder_calls"] == 0 and reuse["decoder_ffn@0.5"]["encoder_calls"] == 0
+    # encoder windows (30 s inputs) counted by a forward hook on the encoder (3 utterances per run)
+    assert reuse["baseline"]["encoder_windows"] == 3
+    assert reuse["decoder_self_attn@0.5"]["encoder_windows"] == 0 and reuse["decoder_ffn@0.5"]["encoder_windows"] == 0
+    assert reuse["decoder_self_attn@0.5"]["encoder_calls"] == 0
     assert reuse["decoder_self_attn@0.5"]["encoder_cache_hits"] == 3
-    assert reuse["late_encoder@0.5"]["encoder_calls"] == 1 and reuse["late_encoder@0.5"]["encoder_touched"]
-    assert all(r["encoder_calls"] == 1 for r in plain.values())
-    assert (outs["memory"][1], outs["off"][1]) == (2, 4)
+    assert reuse["late_encoder@0.5"]["encoder_windows"] == 3 and reuse["late_encoder@0.5"]["encoder_touched"]
+    assert all(r["encoder_windows"] == 3 for r in plain.values())
+    assert (outs["memory"][1], outs["off"][1]) == (6, 12)
 
 
 def test_disk_encoder_cache_is_reused_by_a_new_runner(tiny_dir, small_sets, tmp_path):
@@ -316,7 +317,7 @@ def test_disk_encoder_cache_is_reused_by_a_new_runner(tiny_dir, small_sets, tmp_
     spec2 = _spec(tiny_dir, small_sets["eval"], encoder_cache="disk", selectors=["decoder_ffn"], sparsities=[0.5])
     runner = SweepRunner(progress=False)
     run_sweep(spec2, tmp_path / "a", progress=False, runner=runner)
-    assert runner.encoder_calls == 0  # only the new decoder-only run ran, from disk
+    assert runner.encoder_calls == 0 and runner.encoder_windows == 0  # only the new decoder-only run ran, from disk
 
 
 def test_killed_sweep_resumes_without_redoing_or_losing_runs(tiny_dir, small_sets, tmp_path):

@@ -891,7 +891,10 @@ class SweepRunner:
         self._slot: _ModelSlot | None = None
         self._load_errors: dict[tuple[str, str, str], BaseException] = {}
         self._encoder_caches: dict[tuple, Any] = {}
-        self.encoder_calls = 0  # counted by a forward hook on the encoder
+        # counted by a forward hook on the encoder: forward calls, and the 30 s windows they ran
+        # on (a CPU encodes one window per call, a GPU a whole batch)
+        self.encoder_calls = 0
+        self.encoder_windows = 0
 
     # -- models --------------------------------------------------------------------------------
 
@@ -921,6 +924,7 @@ class SweepRunner:
 
     def _count_encoder_call(self, module, args, output) -> None:
         self.encoder_calls += 1
+        self.encoder_windows += int(output.last_hidden_state.shape[0])
 
     def encoder_cache(self, slot: _ModelSlot, dkey: str, mode: str, out_dir: Path):
         """The EncoderCache shared by every run of this model on this data set."""
@@ -1025,7 +1029,7 @@ class SweepRunner:
             "run_dir": f"runs/{run.run_id}",
             "sweep": spec.name,
         }
-        calls_before = self.encoder_calls
+        calls_before, windows_before = self.encoder_calls, self.encoder_windows
         try:
             options = decode_options(run.protocol, {k: x for k, x in run.options.items() if k != "protocol"})
             slot = self.model(run.model, device=str(options.resolved_device()), dtype=options.dtype)
@@ -1064,6 +1068,7 @@ class SweepRunner:
             row["error"] = f"{type(exc).__name__}: {exc}"
             row["traceback"] = traceback.format_exc()
         row["encoder_calls"] = self.encoder_calls - calls_before
+        row["encoder_windows"] = self.encoder_windows - windows_before
         row["started_at"] = started_at
         row["finished_at"] = _now_iso()
         row["wall_s"] = round(time.perf_counter() - t0, 3)
