@@ -37,6 +37,21 @@ import torch
 
 log = logging.getLogger(__name__)
 
+
+class _DropMaxLengthNotice(logging.Filter):
+    """Drops transformers' "Both `max_new_tokens` and `max_length` seem to have been set" warning.
+
+    Whisper checkpoints carry ``max_length=448`` in their generation config and asrprune always
+    passes ``max_new_tokens`` (which takes precedence, as intended); the warning was printed for
+    every batch and buried real messages.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "seem to have been set. `max_new_tokens` will take precedence" not in record.getMessage()
+
+
+logging.getLogger("transformers.generation.utils").addFilter(_DropMaxLengthNotice())
+
 DEFAULT_MODEL = "tiny.en"
 CACHE_ENV = "ASRPRUNE_CACHE"
 CONVERSION_FILE = "asrprune_conversion.json"
