@@ -403,6 +403,30 @@ def test_quick_grid_variants():
         StudyGrid.preset("huge")
 
 
+def test_main_grid_is_the_papers_headline_configurations():
+    grid = StudyGrid.preset("main")
+    names = [v.name for v in study_variants(grid, 6, 6)]
+    assert names == ["decoder_self_attn@0.5", "late_encoder@0.5", "decoder_ffn@0.3", "global@0.4",
+                     "uniform@0.4", "paper_digest", "paper_code"]
+    assert grid.calibration_limit is None  # every calibration utterance given
+    # --sparsities replaces the per-group levels: every swept group at those levels
+    shrunk = StudyGrid.preset("main", [0.3])
+    assert [v.name for v in study_variants(shrunk, 6, 6)][:4] == [
+        "decoder_self_attn@0.3", "late_encoder@0.3", "decoder_ffn@0.3", "cross_attn@0.3"]
+
+
+def test_reproduce_cli_ablation_sparsities():
+    from asrprune.cli import _study_sensitivity_options, build_parser
+
+    args = build_parser().parse_args(["reproduce", "base", "data.jsonl", "--calibration", "c.jsonl", "--out", "o",
+                                      "--ablation-sparsities", "0.5"])
+    opts = _study_sensitivity_options(args)
+    assert opts.ablation_sparsities == (0.5,)
+    assert opts.prediction_sparsities == (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # still the whole curve
+    default = build_parser().parse_args(["reproduce", "base", "data.jsonl", "--calibration", "c.jsonl", "--out", "o"])
+    assert _study_sensitivity_options(default) is None  # SensitivityOptions' defaults (0.3 and 0.5)
+
+
 def test_reproduce_refuses_overlapping_calibration(tiny_dir, small_sets, tmp_path):
     from asrprune.manifests import OverlapError
 
