@@ -419,6 +419,39 @@ def test_measure_ablation_matches_independent_pruning_and_restores(tmp_path):
     assert [r["loss"] for r in again["rows"]] == [r["loss"] for r in res["rows"]]
 
 
+def test_check_plans_equals_independent_pruning_and_restores():
+    from asrprune.config import PlanEntry, PrunePlan
+    from asrprune.models import model_fingerprint
+
+    model = make_tiny_whisper()
+    examples = make_examples(3)
+    fp = model_fingerprint(model)
+    plans = {
+        "global": PrunePlan((PlanEntry("all_linear", 0.4),), mode="global"),
+        "two": PrunePlan((PlanEntry("decoder.layers.0.self_attn", 0.5), PlanEntry("encoder.layers.1.ffn", 0.3))),
+    }
+    res = sens.check_plans(model, examples, plans, predicted={"two": 0.25})
+    assert model_fingerprint(model) == fp  # restored bit-exactly
+    with torch.no_grad():
+        base = float(np.mean([float(sens.teacher_forced_loss(model, ex)) for ex in examples]))
+    assert res["baseline_loss"] == pytest.approx(base, rel=1e-6) and res["n_utterances"] == 3
+    import copy
+
+    from asrprune.prune import prune_model
+
+    for name, plan in plans.items():
+        m = copy.deepcopy(model)
+        measured = prune_model(m, plan).model
+        with torch.no_grad():
+            expected = float(np.mean([float(sens.teacher_forced_loss(m, ex)) for ex in examples]))
+        row = res["plans"][name]
+        assert row["loss"] == pytest.approx(expected, rel=1e-6)
+        assert row["loss_delta"] == pytest.approx(expected - base, rel=1e-5, abs=1e-7)
+        assert row["sparsity_linear"] == pytest.approx(measured.linear_weights.sparsity)
+    assert res["plans"]["global"]["sparsity_linear"] == pytest.approx(0.4, abs=1e-3)
+    assert res["plans"]["two"]["predicted_damage"] == 0.25 and res["plans"]["global"]["predicted_damage"] is None
+
+
 def test_overlap_guard_raises_before_any_work(tmp_path):
     from asrprune.manifests import OverlapError, Utterance
 

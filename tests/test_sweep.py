@@ -4,6 +4,7 @@ the paper's plans and the reproduce study (on a tiny random Whisper saved with s
 from __future__ import annotations
 
 import json
+import numpy as np
 import os
 import signal
 import subprocess
@@ -462,6 +463,16 @@ def test_reproduce_study_on_tiny_random_model(tiny_dir, small_sets, tmp_path):
     assert set(study["paper_plans"]) == {"paper_digest", "paper_code"}
     assert (out / "plans" / "allocated_40.yaml").is_file() and (out / "plans" / "paper_code.yaml").is_file()
     assert (out / "report.md").is_file() and (out / "report.html").is_file()
+    # the whole 40% plans on the calibration loss, against the allocator's additive prediction
+    check = json.loads((out / "plans" / "plan_check.json").read_text())
+    assert set(check["plans"]) == {"global@0.4", "uniform@0.4", "allocated@0.4"}
+    assert check["n_utterances"] == 2 and len(check["calibration_ids"]) == 2
+    alloc_info = json.loads((out / "plans" / "allocated_40.json").read_text())
+    assert check["plans"]["allocated@0.4"]["predicted_damage"] == pytest.approx(alloc_info["predicted_damage"])
+    for row in check["plans"].values():
+        assert row["sparsity_linear"] == pytest.approx(0.4, abs=0.005) and np.isfinite(row["loss_delta"])
+    assert "Whole plans on the calibration loss" in (out / "report.md").read_text()
+    check_mtime = (out / "plans" / "plan_check.json").stat().st_mtime_ns
     # a rerun finds everything done
     n = len(read_rows(out / "runs.jsonl"))
     again = reproduce(
@@ -469,6 +480,7 @@ def test_reproduce_study_on_tiny_random_model(tiny_dir, small_sets, tmp_path):
         limit=2, sparsities=[0.5], decode=DECODE, sensitivity_options=opts, progress=False, report=False,
     )
     assert len(read_rows(out / "runs.jsonl")) == n and all(not s.ran for s in again.sweeps)
+    assert (out / "plans" / "plan_check.json").stat().st_mtime_ns == check_mtime  # not recomputed
 
 
 # ----------------------------------------------------------------------------------------------

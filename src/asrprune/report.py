@@ -82,6 +82,7 @@ class Study:
     bad_lines: list[str] = field(default_factory=list)
     sensitivity: dict | None = None
     heatmaps: list[Path] = field(default_factory=list)
+    plan_check: dict | None = None  # plans/plan_check.json: whole-plan calibration loss
 
 
 def read_runs(path: Path) -> tuple[list[dict], list[str]]:
@@ -147,7 +148,14 @@ def load_study(study_dir: str | Path) -> Study:
                 sens = json.loads((sdir / "sensitivity.json").read_text())
             except json.JSONDecodeError as exc:
                 raise ReportError(f"{sdir / 'sensitivity.json'}: not valid JSON ({exc})") from None
-    return Study(root=root, options=options, runs=runs, bad_lines=bad, sensitivity=sens, heatmaps=heatmaps)
+    plan_check = None
+    if (root / "plans" / "plan_check.json").is_file():
+        try:
+            plan_check = json.loads((root / "plans" / "plan_check.json").read_text())
+        except json.JSONDecodeError as exc:
+            raise ReportError(f"{root / 'plans' / 'plan_check.json'}: not valid JSON ({exc})") from None
+    return Study(root=root, options=options, runs=runs, bad_lines=bad, sensitivity=sens, heatmaps=heatmaps,
+                 plan_check=plan_check)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -545,6 +553,35 @@ def sensitivity_blocks(study: Study) -> list[Block]:
     return blocks
 
 
+def plan_check_table(study: Study) -> Table | None:
+    """Whole-plan calibration loss next to the allocator's additive prediction."""
+    pc = study.plan_check
+    if not isinstance(pc, Mapping) or not isinstance(pc.get("plans"), Mapping) or not pc["plans"]:
+        return None
+
+    def num(x, fmt):
+        return "—" if x is None or not math.isfinite(float(x)) else format(float(x), fmt)
+
+    rows = []
+    for name, r in pc["plans"].items():
+        pred, delta = r.get("predicted_damage"), r.get("loss_delta")
+        ratio = "—"
+        if pred is not None and delta is not None and float(pred) > 0:
+            ratio = f"{float(delta) / float(pred):.2f}x"
+        rows.append([str(name), num(100 * float(r.get("sparsity_linear") or 0.0), ".1f"),
+                     num(delta, "+.3f"), num(pred, ".3f"), ratio])
+    caption = (
+        f"Is damage additive? Mean teacher-forced loss change (nats per utterance, "
+        f"{pc.get('loss_reduction', 'sum')} over tokens) of each whole plan on the "
+        f"{pc.get('n_utterances', '?')} calibration utterances (baseline "
+        f"{num(pc.get('baseline_loss'), '.3f')}), next to the allocator's prediction, which adds "
+        "the single-component damages. A ratio far above 1 means the components interact and the "
+        "allocation rests on a wrong model."
+    )
+    return Table(["plan", "linear sparsity %", "measured loss change", "predicted (additive)", "measured / predicted"],
+                 rows, caption)
+
+
 def failed_table(study: Study) -> Table | None:
     failed = [r for r in study.runs if not _ok(r)]
     if not failed:
@@ -600,6 +637,10 @@ def build_blocks(study: Study, img_dir: Path) -> list[Block]:
     blocks.append(nonzero_table(study))
     blocks.append(("h2", "Sensitivity"))
     blocks += sensitivity_blocks(study)
+    pct = plan_check_table(study)
+    if pct is not None:
+        blocks.append(("h3", "Whole plans on the calibration loss"))
+        blocks.append(pct)
     return blocks
 
 

@@ -1273,6 +1273,57 @@ def _fingerprint(model) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+def check_plans(
+    model,
+    examples: Sequence[CalibrationExample],
+    plans: Mapping[str, Any],
+    *,
+    loss_reduction: str = "sum",
+    predicted: Mapping[str, float] | None = None,
+) -> dict:
+    """Teacher-forced calibration loss of whole pruning plans: is damage additive?
+
+    The allocator adds single-component damages. This measures what a whole plan does to the
+    same loss on the same calibration data, so a study can say how far the sum is from the truth
+    (on whisper base at 40% of the linear weights it was 3.2 predicted against 9.3 measured
+    nats per utterance).
+
+    Args:
+        model: the unpruned model (restored bit-exactly before returning).
+        examples: calibration examples (:func:`build_examples`; never evaluation data).
+        plans: name -> :class:`asrprune.config.PrunePlan`.
+        loss_reduction: per-utterance loss, as the sensitivity run used (``sum`` or ``mean``).
+        predicted: name -> the allocator's predicted damage, copied into the result.
+
+    Returns:
+        ``{"n_utterances", "loss_reduction", "baseline_loss", "plans": {name: {"plan",
+        "loss", "loss_delta", "predicted_damage", "sparsity_linear", "sparsity_all"}}}``; losses
+        are means over utterances of the per-utterance loss, in nats.
+    """
+    from asrprune.prune import prune_model
+
+    def mean_loss() -> float:
+        with torch.inference_mode():
+            return float(np.mean([float(teacher_forced_loss(model, e, reduction=loss_reduction)) for e in examples]))
+
+    base = mean_loss()
+    out = {"n_utterances": len(examples), "loss_reduction": loss_reduction, "baseline_loss": base, "plans": {}}
+    names = [n for n, _ in model.named_parameters()]
+    for name, plan in plans.items():
+        with _Restore(model, names):
+            res = prune_model(model, plan)
+            loss = mean_loss()
+        out["plans"][name] = {
+            "plan": plan.to_text(),
+            "loss": loss,
+            "loss_delta": loss - base,
+            "predicted_damage": None if not predicted or predicted.get(name) is None else float(predicted[name]),
+            "sparsity_linear": res.model.linear_weights.sparsity,
+            "sparsity_all": res.model.all_parameters.sparsity,
+        }
+    return out
+
+
 def spearman_with_ci(
     x: Sequence[float],
     y: Sequence[float],

@@ -1647,7 +1647,9 @@ def reproduce(
        uniform per-matrix at ``target`` of all linear weights, and the paper's own plans
        (:func:`paper_plans`); every pruned run is compared with its baseline (paired test);
     3. sensitivity analysis on the calibration set (``DIR/sensitivity``), then the
-       sensitivity-aware plan at ``target`` (``DIR/plans/allocated_40.yaml``) and its runs;
+       sensitivity-aware plan at ``target`` (``DIR/plans/allocated_40.yaml``) and its runs, then
+       the teacher-forced calibration loss of the whole global, uniform and sensitivity-aware
+       plans against the allocator's additive prediction (``DIR/plans/plan_check.json``);
     4. ``report.md`` / ``report.html`` (:func:`asrprune.report.build_report`).
 
     A failed run or stage is recorded (``runs.jsonl`` / ``study.json``) and the study goes on.
@@ -1813,6 +1815,48 @@ def reproduce(
         summary = stage("sweep_allocated", lambda: runner.run(spec_c, out, retry_failed=retry_failed, record_time=False))
         if summary is not None:
             result.sweeps.append(summary)
+
+    # 3b. is damage additive? the whole target-sparsity plans on the calibration loss
+    def plan_check():
+        from asrprune.sensitivity import SensitivityOptions, build_examples, check_plans
+
+        plans = {v.name: v.plan for v in variants if v.group in ("global", "uniform")}
+        predicted: dict[str, float] = {}
+        if allocated is not None:
+            plans[allocated.name] = allocated.plan
+            info_path = out / "plans" / f"allocated_{round(100 * target)}.json"
+            if info_path.is_file():
+                predicted[allocated.name] = json.loads(info_path.read_text(encoding="utf-8")).get("predicted_damage")
+        key = {
+            "model_fingerprint": slot.fingerprint,
+            "calibration_ids": [u.id for u in calib_set.utterances],
+            "plan_texts": {k: v.to_text() for k, v in plans.items()},
+        }
+        path = out / "plans" / "plan_check.json"
+        if path.is_file():
+            try:
+                old = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                old = {}
+            if {k: old.get(k) for k in key} == key:
+                return old
+        s = runner.model(model, device=str(decode_options("standard", decode).resolved_device()),
+                         dtype=decode_options("standard", decode).dtype)
+        opts = sensitivity_options or SensitivityOptions()
+        try:
+            examples = build_examples(s.model, s.processor, calib_set.utterances, options=opts,
+                                      labels_path=out / "sensitivity" / "labels.jsonl", progress=False)
+            checked = check_plans(s.model, examples, plans, loss_reduction=opts.loss_reduction, predicted=predicted)
+        finally:
+            s.restore()
+        checked.update(key)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(checked, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return checked
+
+    if (out / "sensitivity" / "sensitivity.json").is_file():
+        stage("plan_check", plan_check)
 
     # 4. the report
     result.wall_s = time.perf_counter() - t_start
