@@ -2,6 +2,7 @@
 # The closing runs that need more than a 2-core CPU, as they were run on the GPU machine this
 # workplace lends some tasks (its "device" tool: no network there, at most 64 MiB sent per call).
 #
+#   (once: echo /.dev/ >> .git/info/exclude)
 #   bash scripts/device_study.sh pack      # here: wheels + speech data + converted models as
 #                                          # .dev/p0 .dev/p1 ... (pieces of one tar, < 64 MiB each)
 # then, there, one piece carried per call (the pieces already sent stay on the warm machine):
@@ -33,6 +34,13 @@ pack)
   stage=$REPO/.dev/stage/bundle
   rm -rf "$REPO/.dev/stage" "$REPO"/.dev/p?
   mkdir -p "$stage/data" "$stage/cache/models"
+  if [ ! -d "$REPO/.dev/whl" ]; then  # what the device image (Python 3.12) lacks, or has too old
+    "$REPO/.venv/bin/python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+      --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+      --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$REPO/.dev/whl" \
+      jiwer==4.0.0 rapidfuzz==3.14.6 whisper_normalizer==0.1.15 more_itertools==11.2.1 soundfile==0.14.0 \
+      cffi==2.1.1 pycparser==3.12 soxr==1.1.0 transformers==5.24.0
+  fi
   cp -r "$REPO/.dev/whl" "$stage/whl"
   for m in base tiny.en; do
     mkdir -p "$stage/cache/models/$m"
