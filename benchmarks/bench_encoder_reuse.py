@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     import torch
 
     from asrprune.config import PrunePlan
-    from asrprune.evaluation import DecodeOptions, EncoderCache, evaluate
+    from asrprune.decoding import DecodeOptions, EncoderCache
+    from asrprune.evaluation import evaluate
     from asrprune.manifests import read_speech_set
     from asrprune.prune import prune_model
     from asrprune.sweep import SweepRunner

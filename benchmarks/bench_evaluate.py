@@ -81,7 +81,9 @@ def main(argv=None) -> int:
     import jiwer
     import torch
 
-    from asrprune.evaluation import DecodeOptions, default_normalizer, evaluate
+    from asrprune.decoding import DecodeOptions
+    from asrprune.evaluation import evaluate
+    from asrprune.scoring import default_normalizer
     from asrprune.manifests import load_audio, read_speech_set
     from asrprune.models import load_model
 

@@ -138,9 +138,9 @@ def test_yaml_short_mapping_form(tmp_path):
 
 
 @pytest.mark.parametrize("text,fragment", [
-    ("entries: []\nextra: 1\n", "unknown key(s) extra"),
+    ("entries: []\nextra: 1\n", "unknown key(s) 'extra'"),
     ("mode: global\n", "'entries' is missing"),
-    ("entries:\n  - selector: a\n    sparsity: 0.5\n    amount: 0.5\n", "unknown key(s) amount"),
+    ("entries:\n  - selector: a\n    sparsity: 0.5\n    amount: 0.5\n", "unknown key(s) 'amount'"),
     ("entries:\n  - sparsity: 0.5\n", "'selector' is missing"),
     ("entries:\n  - selector: a\n    sparsity: 5\n", "[0, 1]"),
     ("entries: 3\n", "must be a list"),

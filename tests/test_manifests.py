@@ -22,17 +22,15 @@ from asrprune.manifests import (
     AudioError,
     DatasetUnavailableError,
     ManifestError,
-    OverlapError,
     SpeechSet,
     Utterance,
-    check_disjoint,
     clean_tedlium_text,
-    fingerprint,
     load_audio,
     read_speech_set,
     speech_set_from_hf,
     write_manifest,
 )
+from asrprune.overlap import OverlapError, check_disjoint, fingerprint
 
 CLEAN_IDS = ["1089-134686-0000", "1089-134686-0001", "1089-134691-0000", "1089-134691-0001"]
 
@@ -544,11 +542,11 @@ def test_hub_dataset_offline_gives_clear_error(monkeypatch):
 
 
 def test_hub_dataset_unreachable_fails_fast(monkeypatch):
-    import asrprune.manifests as manifests
+    import asrprune.hub as hub
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(manifests, "_hub_offline_flag", lambda: False)
-    monkeypatch.setattr(manifests, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(hub, "hub_offline", lambda: False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(DatasetUnavailableError, match="unreachable.*local copy"):
         read_speech_set("some-org/some-speech-set", hf_config="en")
 

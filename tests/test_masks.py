@@ -262,3 +262,10 @@ def test_property_apply_touches_only_pruned(data, shape, sparsity):
     apply_keep_mask_(out, mask)
     assert torch.equal(out[mask], w[mask])
     assert measure_sparsity(out) == pytest.approx(round(sparsity * w.numel()) / w.numel())
+
+
+@pytest.mark.parametrize("n,m", [(0, 4), (4, 4)])
+def test_nm_keep_mask_takes_the_plans_rule(n, m):
+    """One N:M rule everywhere: 1 <= N < M (N kept); 0:4 and 4:4 are no patterns."""
+    with pytest.raises(ValueError, match="1 <= N < M"):
+        nm_keep_mask(torch.ones(2, 8), n, m)

@@ -244,3 +244,18 @@ def test_ctranslate2_directory_spec_converts_into_cache(tmp_path, monkeypatch):
     assert str(target).startswith(str(tmp_path / "cache"))
     # a second resolution reuses the conversion
     assert resolve_model_dir(source) == target
+
+
+def test_is_multilingual_reads_the_flag_then_the_vocabulary():
+    from types import SimpleNamespace
+
+    from asrprune.models import is_multilingual
+
+    def model(flag, vocab, lang_to_id=None):
+        gc = SimpleNamespace(is_multilingual=flag, lang_to_id=lang_to_id or {})
+        return SimpleNamespace(generation_config=gc, config=SimpleNamespace(vocab_size=vocab))
+
+    assert is_multilingual(model(True, 51864)) and not is_multilingual(model(False, 51865))
+    # no flag: the vocabulary decides; the hub's English-only configs carry a lang_to_id table too
+    assert not is_multilingual(model(None, 51864, {"<|en|>": 50259, "<|de|>": 50261}))
+    assert is_multilingual(model(None, 51865))

@@ -11,20 +11,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from asrprune import calibration as calib
+from asrprune import damage
 from asrprune import sensitivity as sens
+from asrprune.calibration import IGNORE_INDEX, CalibrationExample, LabelSpec, teacher_forcing, whisper_text_form
+from asrprune.damage import predict_loss_change
 from asrprune.sensitivity import (
-    IGNORE_INDEX,
-    CalibrationExample,
     GradientStats,
     ResumeMismatchError,
     SensitivityOptions,
     accumulate_gradients,
     aggregate,
-    predict_loss_change,
-    spearman_with_ci,
-    teacher_forcing,
-    whisper_text_form,
 )
+from asrprune.stats import spearman_with_ci
 from conftest import make_tiny_whisper
 
 L = 6  # decoder length of the synthetic examples
@@ -107,8 +106,8 @@ def test_loss_is_nll_over_text_and_eot_targets():
         logp = torch.log_softmax(logits, -1)
         targets = ex.labels[0].tolist()
         nll = [-float(logp[i, t]) for i, t in enumerate(targets) if t != IGNORE_INDEX]
-        got_sum = float(sens.teacher_forced_loss(model, ex))
-        got_mean = float(sens.teacher_forced_loss(model, ex, reduction="mean"))
+        got_sum = float(calib.teacher_forced_loss(model, ex))
+        got_mean = float(calib.teacher_forced_loss(model, ex, reduction="mean"))
     assert len(nll) == L - 2 == ex.n_targets
     assert got_sum == pytest.approx(sum(nll), rel=1e-5)
     assert got_mean == pytest.approx(sum(nll) / len(nll), rel=1e-5)
@@ -234,9 +233,9 @@ def test_predict_loss_curve_equals_masks_including_ties():
     fisher = {n: torch.rand(t.shape, generator=g) for n, t in p.items()}
     sps = (0.0, 0.1, 0.37, 0.5, 0.9, 1.0)
     for unit in sens.analysis_units(model):
-        curve = sens.predict_loss_curve(weights, gbar, fisher, unit.params, sps)
+        curve = damage.predict_loss_curve(weights, gbar, fisher, unit.params, sps)
         for sp in sps:
-            ref = predict_loss_change(weights, gbar, fisher, sens.magnitude_keep_masks(model, unit.params, sp))
+            ref = predict_loss_change(weights, gbar, fisher, damage.magnitude_keep_masks(model, unit.params, sp))
             got = curve[f"{sp:g}"]
             assert got["n_removed"] == ref["n_removed"], (unit.id, sp)
             assert got["first_order"] == pytest.approx(ref["first_order"], rel=1e-9, abs=1e-9), (unit.id, sp)
@@ -325,16 +324,21 @@ def test_correlate_and_prediction_check_hand_case():
     "kwargs",
     [
         {"labels": "teacher"},
-        {"text_form": "upper"},
+        {"labels": 3},
         {"ablation_sparsities": (50,)},
         {"ablation_sparsities": (0.0,)},
         {"checkpoint_every": 0},
-        {"task": "summarise"},
     ],
 )
 def test_invalid_options(kwargs):
     with pytest.raises(ValueError):
         SensitivityOptions(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"labels": "teacher"}, {"text_form": "upper"}, {"task": "summarise"}])
+def test_invalid_label_spec(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        LabelSpec(**kwargs)
 
 
 def test_options_sorted_and_prediction_grid_includes_ablation():
@@ -390,12 +394,12 @@ def test_measure_ablation_matches_independent_pruning_and_restores(tmp_path):
     targets = ["decoder.layers.0.self_attn", "encoder.layers.1.ffn", "encoder.conv", "decoder.embed_tokens",
                "encoder.layer_norm"]
     path = tmp_path / "ablation.jsonl"
-    res = sens.measure_ablation(model, examples, targets, [0.5], mean_grad=stats.mean_grad(), fisher=stats.fisher(),
+    res = damage.measure_ablation(model, examples, targets, [0.5], mean_grad=stats.mean_grad(), fisher=stats.fisher(),
                                 results_path=path, key="k", progress=False)
     assert model_fingerprint(model) == fp
     with torch.no_grad():
-        base = float(np.mean([float(sens.teacher_forced_loss(model, ex)) for ex in examples]))
-        evaluator = sens._LossEvaluator(model, examples, cache_mb=64, progress=False)
+        base = float(np.mean([float(calib.teacher_forced_loss(model, ex)) for ex in examples]))
+        evaluator = damage._LossEvaluator(model, examples, cache_mb=64, progress=False)
     assert evaluator.layer_inputs is not None and evaluator.outputs is not None  # the cached paths ran
     assert res["baseline_loss"] == pytest.approx(base, rel=1e-5)
     starts = {r["target"]: r["start"] for r in res["rows"]}
@@ -409,12 +413,12 @@ def test_measure_ablation_matches_independent_pruning_and_restores(tmp_path):
         assert row["measured_sparsity"] == pytest.approx(0.5, abs=0.01)
         # the prediction from what prune_model removed equals the one from magnitude masks
         names = sens.unit_for_selector(model, row["target"]).params
-        pred = predict_loss_change(weights, stats.mean_grad(), stats.fisher(), sens.magnitude_keep_masks(model, names, 0.5))
+        pred = predict_loss_change(weights, stats.mean_grad(), stats.fisher(), damage.magnitude_keep_masks(model, names, 0.5))
         assert row["predicted"]["n_removed"] == pred["n_removed"] == row["n_removed"]
         assert row["predicted"]["total"] == pytest.approx(pred["total"], rel=1e-9, abs=1e-15)
     # resume: finished rows are reused, nothing is appended
     n_lines = len(path.read_text().splitlines())
-    again = sens.measure_ablation(model, examples, targets, [0.5], results_path=path, key="k", progress=False)
+    again = damage.measure_ablation(model, examples, targets, [0.5], results_path=path, key="k", progress=False)
     assert len(path.read_text().splitlines()) == n_lines
     assert [r["loss"] for r in again["rows"]] == [r["loss"] for r in res["rows"]]
 
@@ -430,10 +434,10 @@ def test_check_plans_equals_independent_pruning_and_restores():
         "global": PrunePlan((PlanEntry("all_linear", 0.4),), mode="global"),
         "two": PrunePlan((PlanEntry("decoder.layers.0.self_attn", 0.5), PlanEntry("encoder.layers.1.ffn", 0.3))),
     }
-    res = sens.check_plans(model, examples, plans, predicted={"two": 0.25})
+    res = damage.check_plans(model, examples, plans, predicted={"two": 0.25})
     assert model_fingerprint(model) == fp  # restored bit-exactly
     with torch.no_grad():
-        base = float(np.mean([float(sens.teacher_forced_loss(model, ex)) for ex in examples]))
+        base = float(np.mean([float(calib.teacher_forced_loss(model, ex)) for ex in examples]))
     assert res["baseline_loss"] == pytest.approx(base, rel=1e-6) and res["n_utterances"] == 3
     import copy
 
@@ -443,7 +447,7 @@ def test_check_plans_equals_independent_pruning_and_restores():
         m = copy.deepcopy(model)
         measured = prune_model(m, plan).model
         with torch.no_grad():
-            expected = float(np.mean([float(sens.teacher_forced_loss(m, ex)) for ex in examples]))
+            expected = float(np.mean([float(calib.teacher_forced_loss(m, ex)) for ex in examples]))
         row = res["plans"][name]
         assert row["loss"] == pytest.approx(expected, rel=1e-6)
         assert row["loss_delta"] == pytest.approx(expected - base, rel=1e-5, abs=1e-7)
@@ -453,7 +457,8 @@ def test_check_plans_equals_independent_pruning_and_restores():
 
 
 def test_overlap_guard_raises_before_any_work(tmp_path):
-    from asrprune.manifests import OverlapError, Utterance
+    from asrprune.manifests import Utterance
+    from asrprune.overlap import OverlapError
 
     calib = [Utterance(id="LJ001-0001", audio=str(tmp_path / "a.flac"), text="a"),
              Utterance(id="LJ001-0002", audio=str(tmp_path / "b.flac"), text="b")]
@@ -518,7 +523,7 @@ def test_greedy_and_reference_labels_tiny_en(tmp_path, shared_data, tiny_en):
     tok = processor.tokenizer
     utts = read_speech_set(shared_data / "ljspeech" / "manifest.jsonl", include="LJ001-0002").utterances
     path = tmp_path / "labels.jsonl"
-    ex = sens.build_examples(model, processor, utts, options=SensitivityOptions(labels="greedy"), labels_path=path, progress=False)[0]
+    ex = calib.build_examples(model, processor, utts, spec=LabelSpec(labels="greedy"), labels_path=path, progress=False)[0]
     prefix = tok.convert_tokens_to_ids(["<|startoftranscript|>", "<|notimestamps|>"])
     assert ex.decoder_input_ids[0, :2].tolist() == prefix
     assert ex.labels[0, 0].item() == IGNORE_INDEX and ex.labels[0, -1].item() == tok.convert_tokens_to_ids("<|endoftext|>")
@@ -529,16 +534,16 @@ def test_greedy_and_reference_labels_tiny_en(tmp_path, shared_data, tiny_en):
     # the greedy transcript is reused from labels.jsonl, not decoded again
     model.generate = None  # would fail if called
     try:
-        again = sens.build_examples(model, processor, utts, options=SensitivityOptions(labels="greedy"), labels_path=path, progress=False)[0]
+        again = calib.build_examples(model, processor, utts, spec=LabelSpec(labels="greedy"), labels_path=path, progress=False)[0]
     finally:
         del model.generate
     assert torch.equal(again.labels, ex.labels)
-    ref = sens.build_examples(model, processor, utts, labels_path=path, progress=False)[0]
+    ref = calib.build_examples(model, processor, utts, labels_path=path, progress=False)[0]
     assert ref.text == " In being comparatively modern."
     assert tok.decode(ref.labels[0][ref.labels[0] != IGNORE_INDEX][:-1]) == ref.text
     # multilingual prompt: language and task tokens between sot and notimestamps
     multi = SimpleNamespace(generation_config=SimpleNamespace(is_multilingual=True), config=model.config)
-    assert sens.prefix_token_ids(multi, tok, language="en") == tok.convert_tokens_to_ids(
+    assert calib.prefix_token_ids(multi, tok, language="en") == tok.convert_tokens_to_ids(
         ["<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"])
     with pytest.raises(ValueError, match="language"):
-        sens.prefix_token_ids(multi, tok, language=None)
+        calib.prefix_token_ids(multi, tok, language=None)

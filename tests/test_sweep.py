@@ -16,21 +16,12 @@ import pytest
 import torch
 import yaml
 
-from asrprune.sweep import (
-    DataSpec,
-    SweepRunner,
-    SweepSpec,
-    SweepSpecError,
-    append_row,
-    expand_runs,
-    latest_rows,
-    paper_plans,
-    read_rows,
-    reproduce,
-    run_sweep,
-    study_variants,
-    StudyGrid,
-)
+from asrprune.decoding import DecodeOptions
+from asrprune.files import append_jsonl as append_row
+from asrprune.files import latest_rows
+from asrprune.files import read_jsonl as read_rows
+from asrprune.study import StudyGrid, StudySpec, paper_plans, reproduce, study_variants
+from asrprune.sweep import DataSpec, SweepRunner, SweepSpec, SweepSpecError, expand_runs, run_sweep
 from conftest import REPO, make_tiny_whisper
 
 DECODE = {"max_new_tokens": 4, "device": "cpu", "batch_size": 4, "num_workers": 0}
@@ -417,23 +408,37 @@ def test_main_grid_is_the_papers_headline_configurations():
 
 
 def test_reproduce_cli_ablation_sparsities():
-    from asrprune.cli import _study_sensitivity_options, build_parser
+    from asrprune.cli import _study_spec, build_parser
+    from asrprune.sensitivity import SensitivityOptions
 
     args = build_parser().parse_args(["reproduce", "base", "data.jsonl", "--calibration", "c.jsonl", "--out", "o",
                                       "--ablation-sparsities", "0.5"])
-    opts = _study_sensitivity_options(args)
+    opts = _study_spec(args).sensitivity
     assert opts.ablation_sparsities == (0.5,)
     assert opts.prediction_sparsities == (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # still the whole curve
     default = build_parser().parse_args(["reproduce", "base", "data.jsonl", "--calibration", "c.jsonl", "--out", "o"])
-    assert _study_sensitivity_options(default) is None  # SensitivityOptions' defaults (0.3 and 0.5)
+    assert _study_spec(default).sensitivity == SensitivityOptions()  # its defaults (0.3 and 0.5)
+
+
+def test_reproduce_max_new_tokens_reaches_every_stage():
+    """One DecodeOptions, built once from the flags, is what the sweep and the sensitivity stage get."""
+    from asrprune.cli import _study_spec, build_parser
+
+    args = build_parser().parse_args(["reproduce", "base", "data.jsonl", "--calibration", "c.jsonl", "--out", "o",
+                                      "--max-new-tokens", "200"])
+    spec = _study_spec(args)
+    assert spec.decode.max_new_tokens == 200
+    assert spec.sweep_spec().decode["max_new_tokens"] == 200
+    default = _study_spec(build_parser().parse_args(["reproduce", "base", "d.jsonl", "--calibration", "c", "--out", "o"]))
+    assert default.decode == DecodeOptions()  # the defaults live in DecodeOptions alone
 
 
 def test_reproduce_refuses_overlapping_calibration(tiny_dir, small_sets, tmp_path):
-    from asrprune.manifests import OverlapError
+    from asrprune.overlap import OverlapError
 
     with pytest.raises(OverlapError):
-        reproduce(str(tiny_dir), [str(small_sets["eval"])], str(small_sets["eval"]), tmp_path / "s",
-                  decode=DECODE, progress=False)
+        reproduce(StudySpec(str(tiny_dir), (str(small_sets["eval"]),), str(small_sets["eval"]),
+                            decode=DecodeOptions(**DECODE)), tmp_path / "s", progress=False)
     assert not (tmp_path / "s" / "runs.jsonl").exists()
 
 
@@ -442,11 +447,10 @@ def test_reproduce_study_on_tiny_random_model(tiny_dir, small_sets, tmp_path):
 
     out = tmp_path / "study"
     opts = SensitivityOptions(labels="greedy", ablation_sparsities=(0.5,), prediction_sparsities=(0.5,),
-                              groups=("decoder_self_attn",), n_bootstrap=20, max_new_tokens=4)
-    res = reproduce(
-        str(tiny_dir), [str(small_sets["eval"])], str(small_sets["calib"]), out,
-        limit=2, sparsities=[0.5], decode=DECODE, sensitivity_options=opts, progress=False,
-    )
+                              groups=("decoder_self_attn",), n_bootstrap=20)
+    spec = StudySpec(str(tiny_dir), (str(small_sets["eval"]),), str(small_sets["calib"]), limit=2, sparsities=(0.5,),
+                     decode=DecodeOptions(**DECODE), sensitivity=opts)
+    res = reproduce(spec, out, progress=False)
     assert all(s["status"] == "ok" for s in res.stages.values()), res.stages
     rows = latest_rows(read_rows(out / "runs.jsonl"))
     by = {(r["variant"], r["protocol"]): r for r in rows.values()}
@@ -475,10 +479,7 @@ def test_reproduce_study_on_tiny_random_model(tiny_dir, small_sets, tmp_path):
     check_mtime = (out / "plans" / "plan_check.json").stat().st_mtime_ns
     # a rerun finds everything done
     n = len(read_rows(out / "runs.jsonl"))
-    again = reproduce(
-        str(tiny_dir), [str(small_sets["eval"])], str(small_sets["calib"]), out,
-        limit=2, sparsities=[0.5], decode=DECODE, sensitivity_options=opts, progress=False, report=False,
-    )
+    again = reproduce(spec, out, progress=False, report=False)
     assert len(read_rows(out / "runs.jsonl")) == n and all(not s.ran for s in again.sweeps)
     assert (out / "plans" / "plan_check.json").stat().st_mtime_ns == check_mtime  # not recomputed
 
@@ -491,7 +492,8 @@ def test_reproduce_study_on_tiny_random_model(tiny_dir, small_sets, tmp_path):
 @pytest.mark.integration
 def test_tiny_en_decoder_only_variant_reuses_encoder_with_identical_transcripts(small_sets, tmp_path):
     from asrprune.config import PrunePlan
-    from asrprune.evaluation import DecodeOptions, evaluate
+    from asrprune.decoding import DecodeOptions
+    from asrprune.evaluation import evaluate
     from asrprune.models import load_model
     from asrprune.prune import prune_model
 

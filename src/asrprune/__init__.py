@@ -22,15 +22,15 @@ _API = {
     "Utterance": "manifests",
     "SpeechSet": "manifests",
     "read_speech_set": "manifests",
-    "load_audio": "manifests",
-    "check_disjoint": "manifests",
+    "load_audio": "audio",
+    "check_disjoint": "overlap",
     "PlanEntry": "config",
     "PrunePlan": "config",
     "list_components": "components",
     "select_parameters": "components",
     "prune_model": "prune",
     "PruneResult": "prune",
-    "DecodeOptions": "evaluation",
+    "DecodeOptions": "decoding",
     "evaluate": "evaluation",
     "compare": "evaluation",
     "score_sensitivity": "sensitivity",
@@ -40,6 +40,8 @@ _API = {
     "load_compressed": "export",
     "export_ctranslate2": "export",
     "build_report": "report",
+    "StudySpec": "study",
+    "reproduce": "study",
 }
 
 __all__ = ["__version__", *_API]

@@ -61,7 +61,10 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .components import select_parameters
 from .config import PlanEntry, PrunePlan
+from .files import atomic_write_text
+from .prune import WeightSnapshot, measure_model, prune_model, resolve_plan
 
 log = logging.getLogger(__name__)
 
@@ -167,13 +170,6 @@ def _is_linear(kind: str, cid: str) -> bool:
     return not any(m in text for m in _NON_LINEAR_MARKERS)
 
 
-def _first(d: Mapping, keys: Sequence[str], default=None):
-    for k in keys:
-        if k in d and d[k] is not None:
-            return d[k]
-    return default
-
-
 def _float_keyed(mapping: Mapping, what: str) -> dict[float, object]:
     out = {}
     for k, v in mapping.items():
@@ -187,11 +183,9 @@ def _float_keyed(mapping: Mapping, what: str) -> dict[float, object]:
 def _ablation_points(
     entry: Mapping, metric: str, per_utterance: Mapping | None = None, uncertainty: float = 0.0
 ) -> list[tuple[float, float]]:
-    abl = _first(entry, ("ablation", "measured", "ablations"))
+    abl = entry.get("ablation")
     if not abl:
         return []
-    if isinstance(abl, list):  # [{"sparsity": s, "loss_delta": dL}, ...]
-        abl = {row["sparsity"]: row for row in abl}
     pts = []
     for s, v in _float_keyed(abl, f"component {entry.get('id')!r} ablation").items():
         val = v.get(metric) if isinstance(v, Mapping) else v
@@ -211,11 +205,9 @@ _PREDICTED_ALIASES = {"obd": "second_order", "taylor": "first_order", "predicted
 
 
 def _predicted_points(entry: Mapping, diagnostic: str) -> list[tuple[float, float]]:
-    pred = _first(entry, ("predicted", "predicted_loss_increase", "prediction"))
+    pred = entry.get("predicted")
     if not pred:
         return []
-    if isinstance(pred, list):
-        pred = {row["sparsity"]: row for row in pred}
     pts = []
     for s, v in _float_keyed(pred, f"component {entry.get('id')!r} predicted").items():
         if isinstance(v, Mapping):
@@ -269,20 +261,15 @@ def curves_from_dict(
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     where = path or "sensitivity data"
     comps = data.get("components")
-    if isinstance(comps, Mapping):
-        comps = [dict(v, id=v.get("id", k)) for k, v in comps.items()]
-    if not comps:
+    if not isinstance(comps, list) or not comps:
         raise ValueError(f"{where}: no 'components' list")
-    counts_raw = _first(data, ("param_counts", "counts", "parameter_counts"))
-    if not isinstance(counts_raw, Mapping):
+    counts_raw = data.get("param_counts")
+    if not isinstance(counts_raw, Mapping) or not {"linear", "all"} <= set(counts_raw):
         raise ValueError(
             f"{where}: missing 'param_counts' {{'linear': N, 'all': N}} (needed to turn sparsities "
             "into a model-wide sparsity)"
         )
-    counts = ParamCounts(
-        linear=int(_first(counts_raw, ("linear", "linear_weights", "all_linear"))),
-        all=int(_first(counts_raw, ("all", "all_params", "total"))),
-    )
+    counts = ParamCounts(linear=int(counts_raw["linear"]), all=int(counts_raw["all"]))
     if uncertainty < 0:
         raise ValueError(f"uncertainty must be >= 0 (standard errors), got {uncertainty}")
     per_utt = (data.get("ablation_per_utterance") or {}).get("rows") or {}
@@ -296,7 +283,7 @@ def curves_from_dict(
         if not cid:
             raise ValueError(f"{where}: a component has no 'id'")
         kind = str(c.get("kind", ""))
-        n = _first(c, ("n_weights", "numel", "n_params", "size"))
+        n = c.get("n_weights")
         if n is None:
             raise ValueError(f"{where}: component {cid!r} has no 'n_weights'")
         measured_max = None
@@ -785,12 +772,12 @@ def write_allocation(alloc: Allocation, out: str | Path, *, baselines: bool = Tr
         f"{alloc.counts.all}\n# predicted damage {alloc.predicted_damage:.6g}\n"
     )
     paths = {"plan": out, "table": out.with_suffix(".json")}
-    _write_atomic(out, header + alloc.plan.to_yaml())
-    _write_atomic(paths["table"], json.dumps(alloc.to_dict(), indent=2) + "\n")
+    atomic_write_text(out, header + alloc.plan.to_yaml())
+    atomic_write_text(paths["table"], json.dumps(alloc.to_dict(), indent=2) + "\n")
     if baselines:
         for name, plan in baseline_plans(alloc.target, alloc.counts, alloc.denominator).items():
             p = out.with_name(f"{out.stem}.{name}.yaml")
-            _write_atomic(
+            atomic_write_text(
                 p,
                 f"# {name} baseline at the same sparsity: {alloc.target:.4f} of "
                 f"{alloc.denominator} weights\n" + plan.to_yaml(),
@@ -799,16 +786,11 @@ def write_allocation(alloc: Allocation, out: str | Path, *, baselines: bool = Tr
     return paths
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def verify_allocation(alloc: Allocation, model) -> dict:
     """Check an allocation against a real model: counts, component sizes, measured sparsity.
 
-    Prunes a deep copy of ``model`` with ``alloc.plan`` and counts the zeros before and after.
+    Prunes ``model`` with ``alloc.plan``, counts the zeros before and after, and restores the
+    weights bit for bit.
     Zeros the model already had (e.g. zero-initialised biases) are not the plan's doing, so the
     target is checked on the newly zeroed fraction; the measured totals are returned as well.
 
@@ -825,11 +807,6 @@ def verify_allocation(alloc: Allocation, model) -> dict:
         AllocationError: the model's counts or component sizes differ from the sensitivity
             results, or the newly pruned fraction misses the target by more than 0.5 points.
     """
-    import copy
-
-    from .components import select_parameters
-    from .prune import measure_model, prune_model
-
     before = measure_model(model)
     n_lin, n_all = before.linear_weights.numel, before.all_parameters.numel
     if (n_lin, n_all) != (alloc.counts.linear, alloc.counts.all):
@@ -845,9 +822,8 @@ def verify_allocation(alloc: Allocation, model) -> dict:
                 f"component {row.id!r} selects {n} weights in the model, the sensitivity results "
                 f"say {row.n_weights}"
             )
-    pruned = copy.deepcopy(model)
-    after = prune_model(pruned, alloc.plan).model
-    del pruned
+    with WeightSnapshot(model, [n for names in resolve_plan(model, alloc.plan) for n in names]):
+        after = prune_model(model, alloc.plan).model
     out = {
         "sparsity_linear": after.linear_weights.sparsity,
         "sparsity_all": after.all_parameters.sparsity,

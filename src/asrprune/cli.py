@@ -2,8 +2,15 @@
 
 The CLI is thin: it parses flags, builds the library's spec objects, calls the public API and
 writes files. Only this module sees ``argparse.Namespace`` and only this module prints.
-Each command has one section below: ``_add_<command>(subparsers)`` declares its flags and
-``_run_<command>(args) -> int`` runs it. ``_COMMANDS`` lists the adders in help order.
+Each command has one section below: ``_add_<command>(sub)`` declares its flags and
+``_run_<command>(args) -> int`` runs it; ``_COMMANDS`` names them in help order.
+
+Defaults come from the spec dataclasses (``DecodeOptions``, ``SensitivityOptions``,
+``StudySpec``) and the vocabulary of :mod:`asrprune.config`, never restated here. The parser is
+built for the one command being run (the others are listed by name and one-line help only), so
+``asrprune --help`` and ``asrprune report`` never import torch, and a command imports only what
+it needs. Flag combinations that cannot work are refused with ``parser.error`` (usage + error);
+library errors (a bad plan, a missing file) print one ``asrprune <command>: error:`` line.
 """
 
 from __future__ import annotations
@@ -14,35 +21,147 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
+
+from .config import DTYPES, MODES, PROTOCOLS, check_sparsity
 
 log = logging.getLogger("asrprune")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds ``(default: X)`` where there is a default worth showing: not for ``None``
+    (its meaning is in the help text), flags that are off, or help that names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def _field_defaults(cls) -> dict[str, Any]:
+    """The field defaults of a spec dataclass (``default_factory`` called)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            out[f.name] = f.default_factory()  # type: ignore[misc]
+    return out
 
 
 def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2, sort_keys=False, default=str))
 
 
-# Sections below register their adders here, in help order (defined first so they can append).
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.4, got {text!r}") from None
+    return check_sparsity(value, "the value", error=argparse.ArgumentTypeError)
+
+
+def _sparsity_list(text: str) -> tuple[float, ...]:
+    """Comma-separated fractions in (0, 1]; ``none`` or empty gives ``()``."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions such as 0.3,0.5, got {text!r}") from None
+    for v in values:
+        check_sparsity(v, f"sparsity {v:g} of {text!r}", positive=True, error=argparse.ArgumentTypeError)
+    return values
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    """Like :func:`_sparsity_list`, but at least one value."""
+    values = _sparsity_list(text)
+    if not values:
+        raise argparse.ArgumentTypeError(f"sparsities are fractions in (0, 1] such as 0.3,0.5, got {text!r}")
+    return values
+
+
+def _protocol_list(text: str) -> tuple[str, ...]:
+    values = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [v for v in values if v not in PROTOCOLS]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(f"protocols are {' and/or '.join(PROTOCOLS)}, comma-separated; got {text!r}")
+    return values
+
+
+def _csv_list(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip() and x.strip().lower() != "none")
+
+
+def _fmt_pct(x) -> str:
+    return "n/a" if x is None or x != x else f"{100 * x:.2f}%"
+
+
+def _parser(args) -> argparse.ArgumentParser:
+    """The subparser of the running command (for ``parser.error``)."""
+    return args._parser
+
+
+# One-line help of every command, in the order of a study (``asrprune --help`` lists them).
+_HELP = {
+    "models": "list built-in and cached models; convert a CTranslate2 directory",
+    "components": "list a model's prunable components, their parameter counts and the selector groups",
+    "evaluate": "transcribe a speech set and score WER/CER with confidence intervals",
+    "compare": "paired comparison of two evaluate outputs (delta WER, CI, p-value)",
+    "prune": "one-shot prune a model by plan and save it (HF directory + pruning.json; optionally "
+    "compressed sparse and CTranslate2 forms)",
+    "export": "convert a pruned model directory to compressed sparse safetensors, CTranslate2, or back to hf",
+    "sensitivity": "per-component sensitivity (gradient, Taylor, Fisher, OBD) on calibration data, "
+    "measured single-component ablation, and whether the diagnostics predict it",
+    "allocate": "sensitivity-aware plan: per-component sparsities reaching a target sparsity",
+    "sweep": "run a grid of pruning runs from a YAML spec; resumable, one result row per run",
+    "reproduce": "run the paper's study (baselines, component sweeps, probes, global 40%%, "
+    "sensitivity-aware 40%%, the paper's plans) and write a report",
+    "report": "rebuild report.md and report.html of a study directory from its result files",
+}
+
+
+def _subparser(sub, name: str, description: str | None = None) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=_HELP[name], description=description, formatter_class=_HelpFormatter)
+    p.set_defaults(_parser=p)
+    return p
 
 
 # ----------------------------------------------------------------------------------------------
 # models
 # ----------------------------------------------------------------------------------------------
 
+
 def _add_models(sub) -> None:
-    p = sub.add_parser(
-        "models",
-        help="list built-in and cached models; convert a CTranslate2 directory",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = _subparser(sub, "models")
     p.add_argument("--json", action="store_true", help="print the list as JSON")
     msub = p.add_subparsers(dest="models_command", metavar="SUBCOMMAND")
     c = msub.add_parser(
         "convert",
         help="convert a CTranslate2 / faster-whisper directory to a transformers directory",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     c.add_argument("src", type=Path, help="CTranslate2 directory (model.bin, config.json, tokenizer.json)")
     c.add_argument("out", type=Path, help="output directory (save_pretrained layout)")
@@ -51,7 +170,7 @@ def _add_models(sub) -> None:
 
 
 def _run_models(args) -> int:
-    from asrprune import models
+    from . import models
 
     if args.models_command == "convert":
         out = models.convert_ctranslate2(args.src, args.out, overwrite=args.overwrite)
@@ -68,20 +187,13 @@ def _run_models(args) -> int:
     return 0
 
 
-_COMMANDS.append(_add_models)
-
-
 # ----------------------------------------------------------------------------------------------
 # report
 # ----------------------------------------------------------------------------------------------
 
 
 def _add_report(sub) -> None:
-    p = sub.add_parser(
-        "report",
-        help="rebuild report.md and report.html of a study directory from its result files",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = _subparser(sub, "report")
     p.add_argument("study_dir", type=Path, help="study directory (runs.jsonl, study.json, sensitivity/)")
     p.add_argument("--out", type=Path, default=None, help="write the report here (default: STUDY_DIR)")
     p.set_defaults(func=_run_report)
@@ -96,20 +208,13 @@ def _run_report(args) -> int:
     return 0
 
 
-_COMMANDS.append(_add_report)
-
-
 # ----------------------------------------------------------------------------------------------
 # components
 # ----------------------------------------------------------------------------------------------
 
 
 def _add_components(sub) -> None:
-    p = sub.add_parser(
-        "components",
-        help="list a model's prunable components, their parameter counts and the selector groups",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = _subparser(sub, "components")
     p.add_argument("model", help="built-in name (tiny.en, base), CTranslate2 or save_pretrained directory")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--select", metavar="SELECTOR", default=None,
@@ -170,44 +275,45 @@ def _run_components(args) -> int:
     return 0
 
 
-_COMMANDS.append(_add_components)
-
-
 # ----------------------------------------------------------------------------------------------
 # allocate
 # ----------------------------------------------------------------------------------------------
 
 
 def _add_allocate(sub) -> None:
-    p = sub.add_parser(
-        "allocate",
-        help="sensitivity-aware plan: per-component sparsities reaching a target sparsity",
+    import inspect
+
+    from . import allocate
+
+    solve = inspect.signature(allocate.allocate_plan).parameters
+    curves = inspect.signature(allocate.curves_from_dict).parameters
+    p = _subparser(
+        sub, "allocate",
         description="Turn sensitivity results into a per-component plan that reaches --target with "
         "the least predicted damage (greedy on convex hulls = Lagrangian optimum; see "
         "asrprune.allocate). Also writes uniform and global-magnitude plans at the same sparsity.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--target", type=float, required=True, help="fraction of the denominator to prune, e.g. 0.4")
     p.add_argument("--sensitivity", type=Path, required=True, help="sensitivity.json or its directory")
-    p.add_argument("--denominator", choices=("linear", "all"), default="linear",
+    p.add_argument("--denominator", choices=allocate.DENOMINATORS, default=solve["denominator"].default,
                    help="sparsity of all linear weights or of all parameters")
     p.add_argument("--cap", action="append", default=[], metavar="KIND_OR_ID=S",
                    help="max sparsity for components matching a kind, id or glob (repeatable)")
-    p.add_argument("--source", choices=("auto", "ablation", "predicted"), default="auto",
+    p.add_argument("--source", choices=allocate.SOURCES, default=curves["source"].default,
                    help="damage curves: measured ablation, predicted from a diagnostic, or auto")
-    p.add_argument("--diagnostic", default="total",
+    p.add_argument("--diagnostic", default=curves["diagnostic"].default,
                    help="predicted curve: total, second_order (obd) or first_order (taylor)")
-    p.add_argument("--metric", default="loss_delta", help="measured change used from the ablation")
-    p.add_argument("--uncertainty", type=float, default=1.0,
+    p.add_argument("--metric", default=curves["metric"].default, help="measured change used from the ablation")
+    p.add_argument("--uncertainty", type=float, default=curves["uncertainty"].default,
                    help="read measured loss changes as mean + this many standard errors")
     p.add_argument("--fragile-threshold", type=float, default=None,
                    help="cap each component where its damage exceeds this loss increase")
-    p.add_argument("--max-sparsity", type=float, default=0.9, help="no component above this")
-    p.add_argument("--max-extrapolation", type=float, default=0.1,
+    p.add_argument("--max-sparsity", type=float, default=solve["max_sparsity"].default, help="no component above this")
+    p.add_argument("--max-extrapolation", type=float, default=solve["max_extrapolation"].default,
                    help="how far beyond its largest measured sparsity a component may go")
-    p.add_argument("--grid-step", type=float, default=0.05, help="sparsity grid step")
+    p.add_argument("--grid-step", type=float, default=solve["grid_step"].default, help="sparsity grid step")
     p.add_argument("--model", default=None,
-                   help="also check counts and the measured sparsity by pruning a copy of this model")
+                   help="also check counts and the measured sparsity by pruning this model (restored after)")
     p.add_argument("--no-baselines", action="store_true", help="do not write the uniform/global plans")
     p.add_argument("--out", type=Path, required=True, help="plan YAML to write")
     p.set_defaults(func=_run_allocate)
@@ -215,7 +321,8 @@ def _add_allocate(sub) -> None:
 
 def _run_allocate(args) -> int:
     from .allocate import (
-        allocate_plan, format_table, load_sensitivity, parse_caps, uniform_damage, write_allocation,
+        allocate_plan, format_table, load_sensitivity, parse_caps, uniform_damage, verify_allocation,
+        write_allocation,
     )
 
     caps = parse_caps(args.cap)
@@ -230,7 +337,6 @@ def _run_allocate(args) -> int:
     s_u = args.target if args.denominator == "linear" else args.target * curves.counts.all / curves.counts.linear
     print(f"predicted damage of the uniform plan at the same sparsity: {uniform_damage(curves, s_u):.4g}")
     if args.model:
-        from .allocate import verify_allocation
         from .models import load_model
 
         model, _ = load_model(args.model)
@@ -244,23 +350,18 @@ def _run_allocate(args) -> int:
     return 0
 
 
-_COMMANDS.append(_add_allocate)
-
-
 # ----------------------------------------------------------------------------------------------
 # sweep
 # ----------------------------------------------------------------------------------------------
 
 
 def _add_sweep(sub) -> None:
-    p = sub.add_parser(
-        "sweep",
-        help="run a grid of pruning runs from a YAML spec; resumable, one result row per run",
+    p = _subparser(
+        sub, "sweep",
         description="Run models x plans (or selectors x sparsities) x data sets x protocols from "
         "SPEC.yaml into --out: one row per finished run in runs.jsonl (appended atomically), "
         "evaluation outputs in runs/<run_id>/. A rerun skips finished runs; failed runs are "
         "recorded with their error and retried only with --retry-failed.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("spec", type=Path, help="sweep spec YAML (see asrprune.sweep.SweepSpec)")
     p.add_argument("--out", type=Path, required=True, help="sweep directory (created; resumed if it exists)")
@@ -285,76 +386,76 @@ def _run_sweep(args) -> int:
     return 1 if summary.failed else 0
 
 
-_COMMANDS.append(_add_sweep)
-
-
 # ----------------------------------------------------------------------------------------------
 # reproduce
 # ----------------------------------------------------------------------------------------------
 
 
-def _fractions(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated fractions such as 0.3,0.5, got {text!r}") from None
-    if not values or any(not 0.0 < v <= 1.0 for v in values):
-        raise argparse.ArgumentTypeError(f"sparsities are fractions in (0, 1] such as 0.3,0.5, got {text!r}")
-    return values
+def _add_decode_flags(p: argparse.ArgumentParser, *, study: bool) -> None:
+    """The decoding flags, defaults from ``DecodeOptions`` (one home)."""
+    from .decoding import DecodeOptions
+
+    d = _field_defaults(DecodeOptions)
+    p.add_argument("--batch-size", type=_positive_int, default=d["batch_size"],
+                   help="sequences per generate call (beam search: batch-size / beam-size utterances)")
+    if not study:
+        p.add_argument("--beam-size", type=_positive_int, default=d["beam_size"], help="beams (1 = greedy)")
+    p.add_argument("--dtype", default=d["dtype"], help=f"{', '.join(DTYPES)} (or fp32, fp16, bf16)")
+    p.add_argument("--device", default=d["device"], help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=d["max_new_tokens"],
+                   help="cap on generated tokens per 30 s window; bounds the time a collapsed, "
+                   "hallucinating variant takes" + ("; every stage of the study uses it" if study else ""))
 
 
-def _protocol_list(text: str) -> tuple[str, ...]:
-    values = tuple(x.strip() for x in text.split(",") if x.strip())
-    bad = [v for v in values if v not in ("standard", "paper")]
-    if not values or bad:
-        raise argparse.ArgumentTypeError(f"protocols are standard and/or paper, comma-separated; got {text!r}")
-    return values
+def _decode_options(args, protocol: str = "standard", **more):
+    """``DecodeOptions`` of the decoding flags (:func:`_add_decode_flags`) plus ``more`` fields."""
+    from .decoding import DecodeOptions
+
+    fields = {"batch_size": args.batch_size, "dtype": args.dtype, "device": args.device,
+              "max_new_tokens": args.max_new_tokens, **more}
+    return DecodeOptions(protocol=protocol, **fields)
 
 
 def _add_reproduce(sub) -> None:
-    p = sub.add_parser(
-        "reproduce",
-        help="run the paper's study (baselines, component sweeps, probes, global 40%%, "
-        "sensitivity-aware 40%%, the paper's plans) and write a report",
+    from .study import PRESETS, StudySpec
+    from .sweep import ENCODER_CACHE_MODES
+
+    d = _field_defaults(StudySpec)
+    p = _subparser(
+        sub, "reproduce",
         description="Baselines under both protocols; under --protocols: decoder self-attention, "
         "late encoder, decoder FFN and cross-attention sweeps, fragility probes, global magnitude "
-        "and uniform 40%%, the paper's own plans; sensitivity on the calibration set (kept "
-        "disjoint from every data set) and the sensitivity-aware 40%% plan; each pruned run "
+        "and uniform 40%, the paper's own plans; sensitivity on the calibration set (kept "
+        "disjoint from every data set) and the sensitivity-aware 40% plan; each pruned run "
         "compared with its baseline by the paired test; report.md/report.html in --out. "
         "DATA and --calibration take SOURCE or SOURCE::ID_PATTERN (e.g. "
         "ljspeech/manifest.jsonl::'LJ002-*'). Resumable: rerun the same command to continue.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("model", help="model spec (tiny.en, base, a directory)")
     p.add_argument("data", nargs="+", help="evaluation set(s): manifest, folder or SOURCE::ID_PATTERN")
     p.add_argument("--calibration", required=True, help="calibration set (SOURCE or SOURCE::ID_PATTERN)")
     p.add_argument("--out", type=Path, required=True, help="study directory")
-    p.add_argument("--limit", type=int, default=None, help="first N utterances of each evaluation set")
-    p.add_argument("--sample", type=int, default=None, help="seeded random N utterances of each set")
-    p.add_argument("--seed", type=int, default=0, help="seed of --sample")
-    p.add_argument("--calibration-limit", type=int, default=None,
-                   help="calibration utterances (default: the preset's; quick 20, full all)")
-    p.add_argument("--preset", choices=("quick", "main", "full"), default="quick",
+    p.add_argument("--limit", type=_positive_int, default=d["limit"], help="first N utterances of each evaluation set")
+    p.add_argument("--sample", type=_positive_int, default=d["sample"], help="seeded random N utterances of each set")
+    p.add_argument("--seed", type=int, default=d["seed"], help="seed of --sample")
+    p.add_argument("--calibration-limit", type=_positive_int, default=d["calibration_limit"],
+                   help="calibration utterances (when not given: the preset's; quick 20, main and full all)")
+    p.add_argument("--preset", choices=PRESETS, default=d["preset"],
                    help="quick: 30/50%% sweeps and 5 probes; main: the paper's headline configurations "
                    "(decoder self-attn 50%%, late encoder 50%%, decoder FFN 30%%, global/uniform 40%%, "
                    "the paper's plans, sensitivity-aware 40%%); full: the paper's 10-50%% grids")
-    p.add_argument("--sparsities", type=_fractions, default=None,
+    p.add_argument("--sparsities", type=_fractions, default=d["sparsities"],
                    help="levels of the component sweeps, e.g. 0.3,0.5 (replaces the preset's)")
-    p.add_argument("--protocols", type=_protocol_list, default=("standard",),
-                   help="protocols of the pruned runs (baselines always run under both)")
-    p.add_argument("--target", type=float, default=0.4,
+    p.add_argument("--protocols", type=_protocol_list, default=d["protocols"],
+                   help="protocols of the pruned runs (baselines run under both)")
+    p.add_argument("--target", type=_fraction, default=d["target"],
                    help="sparsity of all linear weights for global, uniform and sensitivity-aware plans")
-    p.add_argument("--batch-size", type=int, default=None, help="decoding batch size")
-    p.add_argument("--device", default=None, help="decoding device (auto, cpu, cuda)")
-    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="cap on generated tokens per 30 s window (default: the evaluation's, 444); "
-                   "bounds the time a collapsed, hallucinating variant takes")
-    p.add_argument("--encoder-cache", choices=("memory", "disk", "off"), default="memory",
+    _add_decode_flags(p, study=True)
+    p.add_argument("--encoder-cache", choices=ENCODER_CACHE_MODES, default=d["encoder_cache"],
                    help="reuse the unpruned encoder's outputs for variants that leave it untouched")
-    p.add_argument("--ablation-sparsities", type=_sparsity_list, default=None,
-                   help="sparsities of the sensitivity stage's measured ablation (default 0.3,0.5; "
-                   "e.g. 0.5 alone halves that stage on a large model)")
+    p.add_argument("--ablation-sparsities", type=_sparsity_list, default=d["sensitivity"].ablation_sparsities,
+                   help="sparsities of the sensitivity stage's measured ablation (0.5 alone halves "
+                   "that stage on a large model)")
     p.add_argument("--allow-overlap", action="store_true",
                    help="let calibration overlap evaluation data (recorded; not recommended)")
     p.add_argument("--retry-failed", action="store_true", help="rerun runs that failed before")
@@ -363,47 +464,39 @@ def _add_reproduce(sub) -> None:
     p.set_defaults(func=_run_reproduce)
 
 
-def _study_sensitivity_options(args):
-    if args.ablation_sparsities is None:
-        return None
+def _study_spec(args):
+    """The :class:`~asrprune.study.StudySpec` of ``reproduce``'s flags."""
     from .sensitivity import SensitivityOptions
+    from .study import StudySpec
 
-    return SensitivityOptions(ablation_sparsities=tuple(args.ablation_sparsities))
+    return StudySpec(
+        model=args.model, data=tuple(args.data), calibration=args.calibration,
+        limit=args.limit, sample=args.sample, seed=args.seed, protocols=args.protocols,
+        preset=args.preset, sparsities=args.sparsities, calibration_limit=args.calibration_limit,
+        decode=_decode_options(args), target=args.target, allow_overlap=args.allow_overlap,
+        retry_failed=args.retry_failed, encoder_cache=args.encoder_cache,
+        sensitivity=SensitivityOptions(ablation_sparsities=tuple(args.ablation_sparsities)),
+    )
 
 
 def _run_reproduce(args) -> int:
-    from .sweep import latest_rows, read_rows, reproduce
+    from .files import latest_rows, read_jsonl
+    from .study import reproduce
 
-    for flag, value in (("--limit", args.limit), ("--sample", args.sample), ("--calibration-limit", args.calibration_limit)):
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} must be a positive integer, got {value}")
-    decode = {k: v for k, v in (("batch_size", args.batch_size), ("device", args.device), ("dtype", args.dtype),
-                                ("max_new_tokens", args.max_new_tokens)) if v is not None}
-    result = reproduce(
-        args.model, args.data, args.calibration, args.out,
-        limit=args.limit, sample=args.sample, seed=args.seed, protocols=args.protocols,
-        preset=args.preset, sparsities=args.sparsities, calibration_limit=args.calibration_limit,
-        decode=decode, target=args.target, allow_overlap=args.allow_overlap,
-        retry_failed=args.retry_failed, encoder_cache=args.encoder_cache,
-        sensitivity_options=_study_sensitivity_options(args),
-        progress=not args.no_progress, report=not args.no_report,
-    )
+    result = reproduce(_study_spec(args), args.out, progress=not args.no_progress, report=not args.no_report)
     d = result.to_dict()
     for name, info in d["stages"].items():
         line = f"{name}: {info.get('status')}" + (f" ({info['wall_s']:.0f} s)" if info.get("wall_s") is not None else "")
         if info.get("error"):
             line += f": {info['error']}"
         print(line)
-    rows = latest_rows(read_rows(args.out / "runs.jsonl")).values()
+    rows = latest_rows(read_jsonl(args.out / "runs.jsonl")).values()
     failed = sum(r.get("status") != "ok" for r in rows)
     if d["report"]:
         print(f"wrote {d['report']['markdown']}")
         print(f"wrote {d['report']['html']}")
     print(f"this session {d['wall_s'] / 60:.1f} min; {len(rows)} runs recorded, {failed} failed; results in {args.out}")
     return 1 if failed or any(i.get("status") == "failed" for i in d["stages"].values()) else 0
-
-
-_COMMANDS.append(_add_reproduce)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,10 +507,10 @@ _EXPORT_FORMATS = ("hf", "compressed", "ctranslate2")
 
 
 def _add_prune(sub) -> None:
-    p = sub.add_parser(
-        "prune",
-        help="one-shot prune a model by plan and save it (HF directory + pruning.json; "
-        "optionally compressed sparse and CTranslate2 forms)",
+    from .export import CT2_QUANTIZATIONS
+
+    p = _subparser(
+        sub, "prune",
         description="Prune MODEL in one shot by a plan of component selectors and sparsities, print "
         "the measured sparsity, and write --out: a directory that transformers' from_pretrained "
         "and 'asrprune evaluate' load, with pruning.json (plan, measured sparsity, source model "
@@ -426,52 +519,46 @@ def _add_prune(sub) -> None:
         "(faster-whisper). Plan syntax: SELECTOR=SPARSITY[@matrix] or SELECTOR=N:M, "
         "comma-separated, e.g. 'decoder.self_attn=0.5,late_encoder=0.5'; "
         "see 'asrprune components MODEL' for the selectors.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("model", help="built-in name (tiny.en, base), CTranslate2 or save_pretrained directory")
     plan = p.add_mutually_exclusive_group(required=True)
     plan.add_argument("--plan", metavar="TEXT", help="plan text, e.g. 'decoder.self_attn=0.5,late_encoder=0.5'")
     plan.add_argument("--plan-file", type=Path, metavar="YAML", help="plan YAML (see asrprune.config)")
-    p.add_argument("--mode", choices=("per_entry", "global"), default=None,
+    p.add_argument("--mode", choices=MODES, default=None,
                    help="global: one magnitude threshold pooled over all entries (all entries must "
-                   "share one sparsity); default: the plan file's mode, else per_entry")
+                   "share one sparsity); when not given: the plan file's mode, else per_entry")
     p.add_argument("--out", type=Path, required=True, help="pruned model directory to write")
     p.add_argument("--format", dest="formats", action="append", choices=_EXPORT_FORMATS, default=None,
                    help="forms to write (repeatable); hf (OUT itself) is always written, "
                    "compressed goes to OUT/compressed, ctranslate2 to OUT/ctranslate2")
-    p.add_argument("--quantization", default=None, metavar="TYPE",
-                   help="CTranslate2 weight type (int8, float16, ...); default: keep float32")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
-                   help="dtype the model is loaded, pruned and saved in")
+    p.add_argument("--quantization", default=None, metavar="TYPE", choices=CT2_QUANTIZATIONS,
+                   help="CTranslate2 weight type (int8, float16, ...); when not given: keep float32")
+    p.add_argument("--dtype", default=DTYPES[0], choices=DTYPES, help="dtype the model is loaded, pruned and saved in")
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
     p.add_argument("--json", action="store_true", help="print the pruning result as JSON")
     p.set_defaults(func=_run_prune)
 
 
 def _run_prune(args) -> int:
-    import dataclasses
     import shutil
 
     from .config import PrunePlan
-    from .export import (
-        CT2_QUANTIZATIONS, PRUNING_FILENAME, export_compressed, export_ctranslate2, save_pruned,
-    )
+    from .export import PRUNING_FILENAME, export_compressed, export_ctranslate2, save_pruned
     from .models import load_model, model_fingerprint
     from .prune import prune_model
 
     formats = list(dict.fromkeys(args.formats or ["hf"]))
-    if args.quantization is not None:
-        if "ctranslate2" not in formats:
-            raise ValueError("--quantization applies to --format ctranslate2 only; add --format ctranslate2")
-        if args.quantization not in CT2_QUANTIZATIONS:
-            raise ValueError(f"--quantization {args.quantization!r} is not one of {', '.join(CT2_QUANTIZATIONS)}")
+    if args.quantization is not None and "ctranslate2" not in formats:
+        _parser(args).error("--quantization applies to --format ctranslate2 only; add --format ctranslate2")
     if args.plan is not None:
-        plan = PrunePlan.parse(args.plan, mode=args.mode or "per_entry")
+        plan = PrunePlan.parse(args.plan, mode=args.mode or MODES[0])
     else:
         plan = PrunePlan.from_yaml(args.plan_file)
         if args.mode is not None:
             plan = dataclasses.replace(plan, mode=args.mode)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"--out {out} is not empty; choose another directory or pass --overwrite")
 
@@ -518,29 +605,26 @@ def _print_prune_result(result) -> None:
         print(f"note: {note}")
 
 
-_COMMANDS.append(_add_prune)
-
-
 # ----------------------------------------------------------------------------------------------
 # export
 # ----------------------------------------------------------------------------------------------
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser(
-        "export",
-        help="convert a pruned model directory to compressed sparse safetensors, CTranslate2, or back to hf",
+    from .export import CT2_QUANTIZATIONS
+
+    p = _subparser(
+        sub, "export",
         description="Write another form of a pruned model directory: compressed (asrprune-bitmask "
         "safetensors whose size shrinks with sparsity, docs/sparse_format.md), ctranslate2 "
         "(faster-whisper), or hf (a compressed directory decompressed to a plain save_pretrained "
         "directory).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("pruned_dir", type=Path, help="directory written by 'asrprune prune' (or a compressed export)")
     p.add_argument("--format", required=True, choices=_EXPORT_FORMATS, help="form to write")
     p.add_argument("--out", type=Path, required=True, help="directory to write")
-    p.add_argument("--quantization", default=None, metavar="TYPE",
-                   help="CTranslate2 weight type (int8, float16, ...); default: keep the saved dtype")
+    p.add_argument("--quantization", default=None, metavar="TYPE", choices=CT2_QUANTIZATIONS,
+                   help="CTranslate2 weight type (int8, float16, ...); when not given: keep the saved dtype")
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
     p.set_defaults(func=_run_export)
 
@@ -548,15 +632,13 @@ def _add_export(sub) -> None:
 def _run_export(args) -> int:
     import tempfile
 
-    from .export import (
-        decompress_to_pretrained, export_compressed, export_ctranslate2, is_compressed_dir,
-    )
+    from .export import decompress_to_pretrained, export_compressed, export_ctranslate2, is_compressed_dir
 
+    if args.quantization is not None and args.format != "ctranslate2":
+        _parser(args).error("--quantization applies to --format ctranslate2 only")
     src = Path(args.pruned_dir)
     if not src.is_dir():
         raise FileNotFoundError(f"PRUNED_DIR {src} is not a directory")
-    if args.quantization is not None and args.format != "ctranslate2":
-        raise ValueError("--quantization applies to --format ctranslate2 only")
     compressed_src = is_compressed_dir(src)
     if args.format == "hf":
         if not compressed_src:
@@ -581,73 +663,57 @@ def _run_export(args) -> int:
     return 0
 
 
-_COMMANDS.append(_add_export)
-
-
 # ----------------------------------------------------------------------------------------------
 # sensitivity
 # ----------------------------------------------------------------------------------------------
 
 
-def _csv_list(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip() and x.strip().lower() != "none")
-
-
-def _sparsity_list(text: str) -> tuple[float, ...]:
-    if text.strip().lower() in ("", "none"):
-        return ()
-    try:
-        values = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated fractions such as 0.3,0.5, got {text!r}") from None
-    if any(not 0.0 < v <= 1.0 for v in values):
-        raise argparse.ArgumentTypeError(f"sparsities are fractions in (0, 1] such as 0.3,0.5, got {text!r}")
-    return values
-
-
 def _add_sensitivity(sub) -> None:
-    p = sub.add_parser(
-        "sensitivity",
-        help="per-component sensitivity (gradient, Taylor, Fisher, OBD) on calibration data, "
-        "measured single-component ablation, and whether the diagnostics predict it",
+    from .calibration import LABEL_MODES, LOSS_REDUCTIONS, TEXT_FORMS, LabelSpec
+    from .sensitivity import SensitivityOptions
+
+    d = _field_defaults(SensitivityOptions)
+    labels = _field_defaults(LabelSpec)
+    p = _subparser(
+        sub, "sensitivity",
         description="Teacher-forced cross-entropy gradients, one calibration utterance per backward "
         "pass: mean |g|, Taylor |w g|, empirical Fisher, OBD; predicted loss change of "
         "magnitude-pruning each component (kind x layer) and group; the measured loss change "
         "when it is pruned alone; Spearman correlations with bootstrap intervals. CALIBRATION_DATA "
         "is a manifest/folder, optionally SOURCE::ID_PATTERN (e.g. ljspeech/manifest.jsonl::'LJ001-*'). "
         "Writes sensitivity.json, CSV tables and heatmaps to --out; rerun the same command to resume.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("model", help="model spec (tiny.en, base, a directory)")
     p.add_argument("calibration", metavar="CALIBRATION_DATA", help="calibration set: SOURCE or SOURCE::ID_PATTERN")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--include", action="append", default=None, help="id pattern(s) to keep, e.g. 'LJ001-*'")
-    p.add_argument("--limit", type=int, default=None, help="first N calibration utterances")
-    p.add_argument("--sample", type=int, default=None, help="seeded random N calibration utterances")
-    p.add_argument("--seed", type=int, default=0, help="seed of --sample and of the bootstrap")
-    p.add_argument("--labels", choices=("reference", "greedy"), default="reference",
+    p.add_argument("--limit", type=_positive_int, default=None, help="first N calibration utterances")
+    p.add_argument("--sample", type=_positive_int, default=None, help="seeded random N calibration utterances")
+    p.add_argument("--seed", type=int, default=d["seed"], help="seed of --sample and of the bootstrap")
+    p.add_argument("--labels", choices=LABEL_MODES, default=labels["labels"],
                    help="teacher-force the reference transcripts or the model's own greedy ones")
-    p.add_argument("--text-form", choices=("whisper", "raw"), default="whisper",
+    p.add_argument("--text-form", choices=TEXT_FORMS, default=labels["text_form"],
                    help="reference text as Whisper writes it (sentence case, leading space) or as given")
-    p.add_argument("--language", default="en", help="language token for multilingual models")
-    p.add_argument("--ablation-sparsities", type=_sparsity_list, default=(0.3, 0.5),
+    p.add_argument("--language", default=labels["language"], help="language token for multilingual models")
+    p.add_argument("--ablation-sparsities", type=_sparsity_list, default=d["ablation_sparsities"],
                    help="sparsities of the measured ablation ('none': no ablation)")
-    p.add_argument("--prediction-sparsities", type=_sparsity_list, default=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    p.add_argument("--prediction-sparsities", type=_sparsity_list, default=d["prediction_sparsities"],
                    help="sparsities at which predicted loss changes are tabulated")
     p.add_argument("--targets", type=_csv_list, default=None,
                    help="comma-separated selectors to analyse instead of every component kind x layer")
-    p.add_argument("--groups", type=_csv_list, default=None,
-                   help="comma-separated named groups ablated as well ('none'; default: the standard set)")
+    p.add_argument("--groups", type=_csv_list, default=d["groups"],
+                   help="comma-separated named groups ablated as well ('none': no group)")
     p.add_argument("--ablation-wer", action="store_true", help="also measure calibration WER per ablation (decoding; slow)")
     p.add_argument("--eval-data", action="append", default=[],
                    help="evaluation set(s) the calibration must be disjoint from (SOURCE or SOURCE::ID_PATTERN)")
     p.add_argument("--allow-overlap", action="store_true", help="warn instead of failing when calibration overlaps --eval-data")
-    p.add_argument("--checkpoint-every", type=int, default=10, help="accumulator checkpoint every N utterances")
-    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the correlation intervals")
-    p.add_argument("--cache-mb", type=float, default=2048.0, help="memory for cached encoder states in the ablation")
-    p.add_argument("--device", default="cpu", help="torch device")
-    p.add_argument("--dtype", default="float32", help="model dtype (statistics are accumulated in fp32)")
-    p.add_argument("--loss-reduction", choices=("sum", "mean"), default="sum",
+    p.add_argument("--checkpoint-every", type=_positive_int, default=d["checkpoint_every"],
+                   help="accumulator checkpoint every N utterances")
+    p.add_argument("--bootstrap", type=_positive_int, default=d["n_bootstrap"],
+                   help="bootstrap resamples of the correlation intervals")
+    p.add_argument("--cache-mb", type=float, default=d["cache_mb"], help="memory for cached encoder states in the ablation")
+    _add_decode_flags(p, study=True)
+    p.add_argument("--loss-reduction", choices=LOSS_REDUCTIONS, default=d["loss_reduction"],
                    help="per-utterance loss: sequence NLL (sum over tokens) or per-token mean")
     p.add_argument("--restart", action="store_true", help="discard checkpoints in --out instead of resuming")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -663,39 +729,34 @@ def _read_set(text: str, *, include=None, limit=None, sample=None, seed=0):
 
 
 def _run_sensitivity(args) -> int:
+    from .calibration import LabelSpec
     from .models import load_model
-    from .sensitivity import DEFAULT_GROUPS, SensitivityOptions, score_sensitivity
+    from .report import draw_heatmaps
+    from .sensitivity import SensitivityOptions, score_sensitivity
 
-    for flag, value in (("--limit", args.limit), ("--sample", args.sample), ("--checkpoint-every", args.checkpoint_every)):
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} must be a positive integer, got {value}")
     options = SensitivityOptions(
-        labels=args.labels, text_form=args.text_form, language=args.language or None,
+        labels=LabelSpec(labels=args.labels, text_form=args.text_form, language=args.language or None),
         ablation_sparsities=args.ablation_sparsities,
         prediction_sparsities=args.prediction_sparsities or args.ablation_sparsities or (0.5,),
-        groups=DEFAULT_GROUPS if args.groups is None else args.groups,
-        targets=args.targets or None, ablation_wer=args.ablation_wer,
+        groups=args.groups, targets=args.targets or None, ablation_wer=args.ablation_wer,
         checkpoint_every=args.checkpoint_every, n_bootstrap=args.bootstrap, seed=args.seed,
         cache_mb=args.cache_mb, loss_reduction=args.loss_reduction,
     )
+    decode = _decode_options(args)
     calib = _read_set(args.calibration, include=args.include, limit=args.limit, sample=args.sample, seed=args.seed)
     if not calib.utterances:
         raise ValueError(f"{args.calibration}: no calibration utterances selected (check --include/--limit)")
     evaluation = None
     if args.eval_data:
         evaluation = [u for d in args.eval_data for u in _read_set(d).utterances]
-    model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
-    wer_options = None
-    if args.ablation_wer:
-        from .evaluation import DecodeOptions
-
-        wer_options = DecodeOptions(device=args.device, dtype=args.dtype)
+    model, processor = load_model(args.model, device=decode.resolved_device(), dtype=decode.dtype)
     result = score_sensitivity(
         model, processor, calib.utterances, options=options, out_dir=args.out,
-        evaluation=evaluation, allow_overlap=args.allow_overlap, wer_options=wer_options,
+        evaluation=evaluation, allow_overlap=args.allow_overlap, decode=decode,
         data_info={"name": getattr(calib, "name", ""), "source": args.calibration, "include": args.include},
         restart=args.restart, progress=not args.no_progress,
     )
+    heatmaps = draw_heatmaps(args.out)
     d = result.to_dict()
     print(f"{args.model}: {d['data']['n_utterances']} calibration utterances, baseline loss "
           f"{d['baseline_loss']:.4f} {d['loss_units']} ({d['mean_targets_per_utterance']:.1f} targets per utterance), "
@@ -713,11 +774,8 @@ def _run_sensitivity(args) -> int:
             ci = c["ci"]
             ci_text = "" if ci[0] is None or ci[0] != ci[0] else f" [{ci[0]:+.2f}, {ci[1]:+.2f}]"
             print(f"  {c.get('population', 'all'):<6} s={c['sparsity']:g} {c['predictor']:<24} {rho}{ci_text} (n={c['n']})")
-    print(f"wrote {args.out / 'sensitivity.json'} (+ CSV tables and heatmaps)")
+    print(f"wrote {args.out / 'sensitivity.json'} (+ CSV tables and {len(heatmaps)} heatmaps)")
     return 0
-
-
-_COMMANDS.append(_add_sensitivity)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -725,32 +783,21 @@ _COMMANDS.append(_add_sensitivity)
 # ----------------------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def _add_evaluate(sub) -> None:
-    from .evaluation import PROTOCOLS
+    from .decoding import DecodeOptions
 
-    p = sub.add_parser(
-        "evaluate",
-        help="transcribe a speech set and score WER/CER with confidence intervals",
+    d = _field_defaults(DecodeOptions)
+    p = _subparser(
+        sub, "evaluate",
         description="Transcribe DATA with MODEL and score it. Writes OUT/summary.json (wer, cer, "
         "wer_ci, counts, options, environment) and OUT/utterances.jsonl (one row per utterance, "
         "written as it goes); rerunning with the same OUT resumes an interrupted run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("model", help="built-in name (tiny.en, base), model directory, CTranslate2 directory or hub id")
     p.add_argument("data", help="manifest (.jsonl), CSV/TSV, corpus folder (LibriSpeech, Common Voice, "
                    "TED-LIUM) or Hugging Face dataset id")
     p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.add_argument("--protocol", choices=PROTOCOLS, default="standard",
+    p.add_argument("--protocol", choices=PROTOCOLS, default=d["protocol"],
                    help="standard: English forced, no timestamps, greedy; paper: generate() defaults "
                    "with language detection")
     p.add_argument("--limit", type=_positive_int, default=None, help="first N utterances (after other selections)")
@@ -760,13 +807,10 @@ def _add_evaluate(sub) -> None:
                    help="keep utterance ids matching this fnmatch pattern (repeatable), e.g. 'LJ001-*'")
     p.add_argument("--exclude", action="append", default=None, metavar="PATTERN",
                    help="drop utterance ids matching this pattern (repeatable)")
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="utterances per generate call")
-    p.add_argument("--beam-size", type=_positive_int, default=1, help="beams (1 = greedy)")
-    p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=444, help="cap on generated tokens per 30 s window")
-    p.add_argument("--language", default=None, help="language of multilingual models (standard: en; paper: detected)")
-    p.add_argument("--workers", type=int, default=2, help="audio loading threads (0 = inline)")
+    _add_decode_flags(p, study=False)
+    p.add_argument("--language", default=d["language"],
+                   help="language of multilingual models (when not given: standard en, paper detected)")
+    p.add_argument("--workers", type=_nonnegative_int, default=d["num_workers"], help="audio loading threads (0 = inline)")
     p.add_argument("--bootstrap-speakers", action="store_true",
                    help="bootstrap intervals resample whole speakers instead of utterances")
     p.add_argument("--bootstrap-n", type=_positive_int, default=1000, help="bootstrap resamples")
@@ -780,22 +824,13 @@ def _add_evaluate(sub) -> None:
     p.set_defaults(func=_run_evaluate)
 
 
-def _fmt_pct(x) -> str:
-    return "n/a" if x is None or x != x else f"{100 * x:.2f}%"
-
-
 def _run_evaluate(args) -> int:
-    from .evaluation import DecodeOptions, evaluate
+    from .evaluation import evaluate
     from .manifests import read_speech_set
     from .models import load_model
 
-    if args.workers < 0:
-        raise ValueError(f"--workers must be >= 0, got {args.workers}")
-    options = DecodeOptions(
-        protocol=args.protocol, beam_size=args.beam_size, batch_size=args.batch_size, dtype=args.dtype,
-        device=args.device, max_new_tokens=args.max_new_tokens, language=args.language,
-        num_workers=args.workers,
-    )
+    options = _decode_options(args, protocol=args.protocol, beam_size=args.beam_size, language=args.language,
+                              num_workers=args.workers)
     speech_set = read_speech_set(
         args.data, limit=args.limit, sample=args.sample, seed=args.seed, include=args.include,
         exclude=args.exclude, hf_config=args.hf_config, hf_split=args.hf_split,
@@ -833,17 +868,12 @@ def _run_evaluate(args) -> int:
     return 0
 
 
-_COMMANDS.append(_add_evaluate)
-
-
 def _add_compare(sub) -> None:
-    p = sub.add_parser(
-        "compare",
-        help="paired comparison of two evaluate outputs (delta WER, CI, p-value)",
+    p = _subparser(
+        sub, "compare",
         description="Compare evaluation B against A on the same utterances: delta WER = B - A with a "
         "paired bootstrap interval, a paired permutation p-value, and the share of the delta that "
         "comes from its top utterances.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("a", type=Path, help="baseline evaluate output directory")
     p.add_argument("b", type=Path, help="evaluate output directory compared against A")
@@ -859,6 +889,7 @@ def _add_compare(sub) -> None:
 
 def _run_compare(args) -> int:
     from .evaluation import compare
+    from .files import atomic_write_json, prepare_out_dir
 
     comp = compare(args.a, args.b, n_resamples=args.n_resamples, n_permutations=args.n_permutations,
                    seed=args.seed, by_speaker=args.by_speaker, top_k=args.top)
@@ -877,50 +908,69 @@ def _run_compare(args) -> int:
             flags = "".join(f" [hallucination in {k}]" for k, v in (("A", t["hallucination_a"]), ("B", t["hallucination_b"])) if v)
             print(f"  {t['id']}: errors {t['errors_a']} -> {t['errors_b']} of {t['ref_words']} words{flags}")
     if args.out is not None:
-        path = args.out / "comparison.json" if args.out.suffix != ".json" else args.out
+        path = args.out if args.out.suffix == ".json" else prepare_out_dir(args.out) / "comparison.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(d, indent=2) + "\n", encoding="utf-8")
+        atomic_write_json(path, d)
         print(f"wrote {path}")
     return 0
-
-
-_COMMANDS.append(_add_compare)
 
 
 # ----------------------------------------------------------------------------------------------
 # command registry and entry point
 # ----------------------------------------------------------------------------------------------
 
+_COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
+    "models": _add_models,
+    "components": _add_components,
+    "evaluate": _add_evaluate,
+    "compare": _add_compare,
+    "prune": _add_prune,
+    "export": _add_export,
+    "sensitivity": _add_sensitivity,
+    "allocate": _add_allocate,
+    "sweep": _add_sweep,
+    "reproduce": _add_reproduce,
+    "report": _add_report,
+}
 
-def build_parser() -> argparse.ArgumentParser:
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser: every command in full (``only=None``), or ``only`` in full and the
+    others by name and help alone (``only=""``: none in full, for ``asrprune --help``)."""
     parser = argparse.ArgumentParser(
         prog="asrprune",
         description="Sensitivity-aware one-shot pruning of Whisper ASR models.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    # help lists the commands in the order of a study, whatever order the sections are in
-    order = ("models", "components", "evaluate", "compare", "prune", "export", "sensitivity",
-             "allocate", "sweep", "reproduce", "report")
-    rank = {f"_add_{name}": i for i, name in enumerate(order)}
-    for add in sorted(_COMMANDS, key=lambda f: rank.get(f.__name__, len(order))):
-        add(sub)
+    for name, add in _COMMANDS.items():
+        if only is None or name == only:
+            add(sub)
+        else:
+            sub.add_parser(name, help=_HELP[name])
     return parser
 
 
+def _command_of(argv: Sequence[str]) -> str:
+    return next((a for a in argv if a in _COMMANDS), "")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(only=_command_of(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if not getattr(args, "command", None):
+    if not getattr(args, "command", None) or not hasattr(args, "func"):
         parser.print_help()
         return 2
     try:
         return int(args.func(args) or 0)
+    except SystemExit as exc:  # parser.error on a flag combination: usage and error printed
+        return int(exc.code or 0)
     except KeyboardInterrupt:
         print("interrupted; results written so far are kept and a rerun resumes", file=sys.stderr)
         return 130

@@ -92,6 +92,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .config import split_top_level
+
 __all__ = [
     "ComponentKind",
     "Component",
@@ -158,6 +160,10 @@ class Component:
     part: tuple[str, ...] = ()
     category: str = LINEAR
     tied_with: tuple[str, ...] = field(default=())
+
+    def describe(self) -> dict:
+        """``id``, ``kind``, ``side``, ``layer``: how tables and result files name a component."""
+        return {"id": self.id, "kind": self.kind.value, "side": self.side, "layer": self.layer}
 
 
 class SelectorError(ValueError):
@@ -428,19 +434,7 @@ _SEGMENT = re.compile(r"([A-Za-z_][A-Za-z0-9_]*|\d+)(\[[^\]]*\])?$")
 
 def _split_segments(path: str) -> list[str]:
     """Split on dots outside brackets."""
-    out, depth, cur = [], 0, []
-    for ch in path:
-        if ch == "[":
-            depth += 1
-        elif ch == "]":
-            depth -= 1
-        if ch == "." and depth == 0:
-            out.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    out.append("".join(cur))
-    return out
+    return split_top_level(path, ".", opening="[", closing="]")
 
 
 def _layer_index(spec: str, n: int, selector: str, side: str) -> list[int]:
@@ -719,10 +713,7 @@ def component_table(model: nn.Module) -> list[dict]:
         nz = sum(int(torch.count_nonzero(params[p].detach())) for p in c.params)
         rows.append(
             {
-                "id": c.id,
-                "kind": c.kind.value,
-                "side": c.side,
-                "layer": c.layer,
+                **c.describe(),
                 "category": c.category,
                 "weights": int(w),
                 "biases": int(b),

@@ -50,35 +50,127 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-__all__ = ["PlanEntry", "PrunePlan", "PlanError", "SCOPES", "MODES", "SCORES"]
+__all__ = [
+    "DIAGNOSTICS",
+    "DTYPES",
+    "MODES",
+    "PROTOCOLS",
+    "PlanEntry",
+    "PlanError",
+    "PrunePlan",
+    "SCOPES",
+    "SCORES",
+    "check_dtype",
+    "check_keys",
+    "load_yaml",
+    "check_nm",
+    "check_sparsity",
+    "parse_nm",
+]
 
+# -- the shared vocabulary (one home each) ------------------------------------------------------
+#: decoding protocols (see asrprune.decoding): the Open ASR leaderboard's way, the paper's way
+PROTOCOLS = ("standard", "paper")
+#: model dtypes by their canonical names, and the aliases accepted for them
+DTYPES = ("float32", "float16", "bfloat16")
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+#: how an entry's threshold is formed (see the module docstring)
 SCOPES = ("component", "matrix")
+#: how a plan's entries share thresholds; the first is the default
 MODES = ("per_entry", "global")
+DEFAULT_MODE = MODES[0]
+#: per-weight scores a plan may name
 SCORES = ("magnitude", "taylor", "obd", "fisher", "gradient", "wanda", "random", "custom")
+#: per-parameter sensitivity diagnostics (see asrprune.sensitivity)
+DIAGNOSTICS = ("gradient", "taylor", "fisher", "obd")
 
 
 class PlanError(ValueError):
     """A pruning plan (CLI text, YAML file or constructor arguments) is invalid."""
 
 
-def _check_fraction(value: Any, what: str) -> float:
+def check_sparsity(
+    value: Any, what: str = "sparsity", *, positive: bool = False, error: type[Exception] = PlanError
+) -> float:
+    """The one sparsity validator: a real number in [0, 1] (``(0, 1]`` with ``positive``).
+
+    Args:
+        value: the candidate (percentages such as 50 are refused with a hint).
+        what: how the value is named in the message (``"plan entry 'x': sparsity"``).
+        positive: refuse 0 as well (levels of sweeps and ablations).
+        error: the exception class to raise (a ``ValueError`` subclass, or argparse's
+            ``ArgumentTypeError`` for flags).
+
+    Returns:
+        ``float(value)``.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise PlanError(f"{what} must be a number in [0, 1], got {value!r}")
+        raise error(f"{what} must be a number in [0, 1], got {value!r}")
     v = float(value)
-    if not math.isfinite(v) or not 0.0 <= v <= 1.0:
+    low_ok = v > 0.0 if positive else v >= 0.0
+    if not math.isfinite(v) or not low_ok or v > 1.0:
         hint = " (sparsities are fractions: write 0.5 for 50%)" if 1.0 < v <= 100.0 else ""
-        raise PlanError(f"{what} must be in [0, 1], got {value!r}{hint}")
+        interval = "(0, 1]" if positive else "[0, 1]"
+        raise error(f"{what} must be in {interval}, got {value!r}{hint}")
     return v
 
 
-def _parse_pattern(pattern: str, what: str) -> tuple[int, int]:
+def check_nm(n: Any, m: Any, what: str = "N:M pattern", *, error: type[Exception] = PlanError) -> tuple[int, int]:
+    """The one N:M validator: integers with ``1 <= N < M`` (N counts the *kept* weights)."""
+    if isinstance(n, bool) or isinstance(m, bool) or not isinstance(n, int) or not isinstance(m, int):
+        raise error(f"{what} needs integers N and M, got {n!r}:{m!r}")
+    if not 1 <= n < m:
+        raise error(f"{what} {n}:{m} needs 1 <= N < M, e.g. '2:4' or '4:8' (N weights kept of every M)")
+    return n, m
+
+
+def parse_nm(pattern: Any, what: str = "N:M pattern", *, error: type[Exception] = PlanError) -> tuple[int, int]:
+    """Parse ``"2:4"`` into ``(2, 4)``: keep N of every M consecutive weights.
+
+    Raises:
+        ``error``: the text is not ``N:M``, or not ``1 <= N < M``.
+    """
     m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
     if not m:
-        raise PlanError(f"{what} must look like '2:4' (keep N of every M), got {pattern!r}")
+        raise error(f"{what} must look like '2:4' (keep N of every M), got {pattern!r}")
     n, mm = int(m.group(1)), int(m.group(2))
     if not 1 <= n < mm:
-        raise PlanError(f"{what} {pattern!r} needs 1 <= N < M, e.g. '2:4' or '4:8'")
+        raise error(f"{what} {pattern!r} needs 1 <= N < M, e.g. '2:4' or '4:8'")
     return n, mm
+
+
+def check_keys(obj: Mapping[str, Any], allowed: Iterable[str], where: str, *,
+               error: type[Exception] = PlanError) -> None:
+    """Unknown keys are errors (a YAML spec is a serialised spec): name them and what is allowed."""
+    unknown = sorted(map(str, set(obj) - set(allowed)))
+    if unknown:
+        raise error(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(allowed))}")
+
+
+def load_yaml(path: str | os.PathLike, what: str, *, error: type[Exception] = PlanError) -> Any:
+    """The content of a YAML file (``{}`` for an empty one).
+
+    Raises:
+        FileNotFoundError: the file does not exist (named, with ``what`` it should hold).
+        ``error``: not valid YAML, naming the file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise error(f"{p}: not valid YAML: {exc}") from None
+    return {} if data is None else data
+
+
+def check_dtype(name: Any, what: str = "dtype") -> str:
+    """The canonical dtype name (``float32``, ``float16``, ``bfloat16``) of a name or alias."""
+    text = str(name).removeprefix("torch.")
+    text = DTYPE_ALIASES.get(text, text)
+    if text not in DTYPES:
+        raise ValueError(f"{what} must be one of {sorted(DTYPES) + sorted(DTYPE_ALIASES)}, got {name!r}")
+    return text
 
 
 @dataclass(frozen=True)
@@ -98,7 +190,7 @@ class PlanEntry:
     """
 
     selector: str
-    sparsity: float | None
+    sparsity: float  # ``None`` is accepted with a pattern and replaced by 1 - N/M
     scope: str = "component"
     pattern: str | None = None
 
@@ -110,13 +202,13 @@ class PlanEntry:
         if self.scope not in SCOPES:
             raise PlanError(f"{what}: scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
         if self.pattern is not None:
-            n, m = _parse_pattern(self.pattern, f"{what}: pattern")
+            n, m = parse_nm(self.pattern, f"{what}: pattern")
             object.__setattr__(self, "pattern", f"{n}:{m}")
             implied = 1.0 - n / m
             if self.sparsity is None:
                 object.__setattr__(self, "sparsity", implied)
             else:
-                s = _check_fraction(self.sparsity, f"{what}: sparsity")
+                s = check_sparsity(self.sparsity, f"{what}: sparsity")
                 if abs(s - implied) > 1e-9:
                     raise PlanError(
                         f"{what}: sparsity {self.sparsity} contradicts pattern {n}:{m}, which "
@@ -126,7 +218,7 @@ class PlanEntry:
         else:
             if self.sparsity is None:
                 raise PlanError(f"{what}: sparsity is missing (or give a pattern such as '2:4')")
-            object.__setattr__(self, "sparsity", _check_fraction(self.sparsity, f"{what}: sparsity"))
+            object.__setattr__(self, "sparsity", check_sparsity(self.sparsity, f"{what}: sparsity"))
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -162,9 +254,7 @@ class PlanEntry:
         if not isinstance(data, Mapping):
             raise PlanError(f"{where} must be a mapping with a selector and a sparsity, got {data!r}")
         allowed = {"selector", "sparsity", "scope", "pattern"}
-        unknown = sorted(set(data) - allowed)
-        if unknown:
-            raise PlanError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}; allowed: {', '.join(sorted(allowed))}")
+        check_keys(data, allowed, where)
         if "selector" not in data:
             raise PlanError(f"{where}: 'selector' is missing")
         pattern = data.get("pattern")
@@ -180,22 +270,28 @@ def _short_ok(x: float | None) -> bool:
     return x is not None and float(f"{x:g}") == x
 
 
-def _split_entries(text: str) -> list[str]:
-    """Split plan text into entries at top-level separators (see the module docstring)."""
-    seps = ";\n" if ";" in text else ",;\n"
+def split_top_level(text: str, seps: str, *, always: str = "", opening: str = "[({", closing: str = "])}") -> list[str]:
+    """Split ``text`` at the characters of ``seps`` that stand outside brackets (those of
+    ``always`` split inside brackets too). Used for plan entries and selector paths."""
     out, cur, depth = [], [], 0
     for ch in text:
-        if ch in "[({":
+        if ch in opening:
             depth += 1
-        elif ch in "])}":
+        elif ch in closing:
             depth = max(0, depth - 1)
-        if ch in seps and (depth == 0 or ch in ";\n"):
+        if ch in seps and (depth == 0 or ch in always):
             out.append("".join(cur))
             cur = []
         else:
             cur.append(ch)
     out.append("".join(cur))
-    return [e.strip() for e in out if e.strip()]
+    return out
+
+
+def _split_entries(text: str) -> list[str]:
+    """Split plan text into entries at top-level separators (see the module docstring)."""
+    seps = ";\n" if ";" in text else ",;\n"
+    return [e.strip() for e in split_top_level(text, seps, always=";\n") if e.strip()]
 
 
 def _parse_entry(item: str) -> PlanEntry:
@@ -247,7 +343,7 @@ class PrunePlan:
     """
 
     entries: tuple[PlanEntry, ...]
-    mode: str = "per_entry"
+    mode: str = DEFAULT_MODE
     score: str = "magnitude"
     name: str = ""
 
@@ -280,7 +376,7 @@ class PrunePlan:
                     f"mode 'global' pools one threshold over all entries and cannot use N:M "
                     f"patterns (entries {', '.join(patterned)})"
                 )
-            sparsities = sorted({e.sparsity for e in entries})  # type: ignore[type-var]
+            sparsities = sorted({e.sparsity for e in entries})
             if len(sparsities) > 1:
                 raise PlanError(
                     "mode 'global' needs one sparsity shared by all entries, got "
@@ -290,7 +386,7 @@ class PrunePlan:
     # -- construction ------------------------------------------------------------------------
 
     @classmethod
-    def parse(cls, text: str, *, mode: str = "per_entry", score: str = "magnitude", name: str = "") -> "PrunePlan":
+    def parse(cls, text: str, *, mode: str = DEFAULT_MODE, score: str = "magnitude", name: str = "") -> "PrunePlan":
         """Parse the CLI form, e.g. ``"decoder.self_attn=0.5,encoder.layers[-4:]=0.5"``.
 
         Raises:
@@ -313,9 +409,7 @@ class PrunePlan:
         if not isinstance(data, Mapping):
             raise PlanError(f"{source}: a plan must be a mapping with 'entries', got {type(data).__name__}")
         allowed = {"entries", "mode", "score", "name"}
-        unknown = sorted(map(str, set(data) - allowed))
-        if unknown:
-            raise PlanError(f"{source}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+        check_keys(data, allowed, source)
         if "entries" not in data:
             raise PlanError(f"{source}: 'entries' is missing")
         raw = data["entries"]
@@ -333,7 +427,7 @@ class PrunePlan:
                 raise PlanError(f"{source}: 'entries' must be a list (or a selector: sparsity mapping)")
             return cls(
                 entries,
-                mode=data.get("mode", "per_entry"),
+                mode=data.get("mode", DEFAULT_MODE),
                 score=data.get("score", "magnitude"),
                 name=data.get("name", "") or "",
             )
@@ -349,14 +443,7 @@ class PrunePlan:
             FileNotFoundError: the file does not exist (named in the message).
             PlanError: invalid YAML or plan, naming the file.
         """
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"plan file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise PlanError(f"{p}: not valid YAML: {exc}") from None
-        return cls.from_dict(data if data is not None else {}, source=str(p))
+        return cls.from_dict(load_yaml(path, "plan"), source=str(Path(path)))
 
     @classmethod
     def load(cls, spec: str | os.PathLike, **kwargs: Any) -> "PrunePlan":

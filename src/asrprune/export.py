@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import platform
 import shutil
 import tempfile
 from pathlib import Path
@@ -33,7 +32,10 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+
+from .files import atomic_write_text, env_stamp
+from .models import model_fingerprint, resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -150,13 +152,11 @@ def save_pruned(
         processor.save_pretrained(out)
     copied = _copy_side_files(_source_dir(source, processor), out)
 
-    from asrprune.models import model_fingerprint  # level 0; imported late to keep import cheap
-
     n_params, n_nonzero = _count_nonzero(model)
     info = {
         "format": PRUNING_FORMAT,
         "format_version": PRUNING_FORMAT_VERSION,
-        "asrprune_version": _tool_version(),
+        "asrprune_version": env_stamp()["asrprune"] or "unknown",
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "source": {"spec": str(source), "fingerprint": source_fingerprint},
         "model": {
@@ -173,11 +173,11 @@ def save_pruned(
         },
         "pruning": pruning_json,
         "copied_side_files": copied,
-        "environment": _environment(),
+        "environment": env_stamp(),
     }
     if source_fingerprint is None:
         log.warning("save_pruned: no source_fingerprint given; pruning.json records null")
-    _write_json(out / PRUNING_FILENAME, info)
+    atomic_write_text(out / PRUNING_FILENAME, json.dumps(info, indent=2, default=_json_default) + "\n")
     log.info("saved pruned model to %s (%.2f%% zeros of %d parameters)", out,
              100 * info["saved_sparsity"]["sparsity"], n_params)
     return out
@@ -352,8 +352,7 @@ def export_compressed(
     """
     src, out = Path(model_dir), Path(out_dir)
     state = _read_safetensors_dir(src)
-    _check_out_dir(out, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out_dir(out, overwrite, create=True)
     for item in sorted(src.iterdir()):
         if item.is_file() and not _is_weight_file(item):
             shutil.copy2(item, out / item.name)
@@ -409,10 +408,10 @@ def decompress_to_pretrained(
         compressed_dir: directory written by ``export_compressed``.
         out_dir: directory to create; gets ``model.safetensors`` plus every other file of
             ``compressed_dir`` (configs, tokenizer files, ``pruning.json``).
-        overwrite: replace files in a non-empty ``out_dir``.
+        overwrite: replace what a non-empty ``out_dir`` holds.
 
     Returns:
-        ``out_dir`` as a ``Path``.
+        The written directory.
 
     Raises:
         FileNotFoundError, SparseFormatError: as ``load_compressed_model``.
@@ -420,8 +419,7 @@ def decompress_to_pretrained(
     """
     src, out = Path(compressed_dir), Path(out_dir)
     model = load_compressed_model(src)
-    _check_out_dir(out, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out_dir(out, overwrite, create=True)
     model.save_pretrained(out)
     for item in sorted(src.iterdir()):
         if item.is_file() and not _is_weight_file(item) and not (out / item.name).exists():
@@ -600,12 +598,15 @@ def _check_no_prune_hooks(model: torch.nn.Module) -> None:
             "module before saving, so that the zeros are written into the weights")
 
 
-def _check_out_dir(out: Path, overwrite: bool) -> None:
+def _check_out_dir(out: Path, overwrite: bool, *, create: bool = False) -> None:
+    """Refuse a file or a non-empty folder (unless ``overwrite``); ``create`` makes the folder."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output path {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"output directory {out} is not empty; choose another --out or "
                               "pass overwrite=True (--overwrite)")
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
 
 
 def _source_dir(source: str, processor: Any | None) -> Path | None:
@@ -615,8 +616,6 @@ def _source_dir(source: str, processor: Any | None) -> Path | None:
         candidates.append(Path(source))
     else:
         try:
-            from asrprune.models import resolve_model_dir
-
             candidates.append(Path(resolve_model_dir(source)))
         except Exception as exc:  # a hub id or unknown name: nothing local to copy from
             log.debug("no local directory for source %r: %s", source, exc)
@@ -648,7 +647,7 @@ def _write_preprocessor_config(src: Path, out: Path) -> None:
     if nested.is_file():
         feature_extractor = json.loads(nested.read_text()).get("feature_extractor")
         if isinstance(feature_extractor, dict):
-            _write_json(out / "preprocessor_config.json", feature_extractor)
+            atomic_write_text(out / "preprocessor_config.json", json.dumps(feature_extractor, indent=2, default=_json_default) + "\n")
             return
     log.warning("%s has no preprocessor settings; faster-whisper will use its defaults (80 mels)", src)
 
@@ -658,8 +657,6 @@ def _is_weight_file(path: Path) -> bool:
 
 
 def _read_safetensors_dir(src: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     index = src / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -674,26 +671,6 @@ def _read_safetensors_dir(src: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _tool_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("asrprune")
-    except Exception:
-        return "unknown"
-
-
-def _environment() -> dict[str, str]:
-    import transformers
-
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
-
-
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, (Path, torch.dtype, torch.device)):
         return str(obj)
@@ -706,8 +683,4 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
-    tmp.replace(path)
 

@@ -1,4 +1,4 @@
-"""Speech sets and audio: read any supported layout into :class:`Utterance` records, load audio.
+"""Speech sets: read any supported layout into :class:`Utterance` records.
 
 Supported sources (detected automatically by :func:`read_speech_set`):
 
@@ -20,29 +20,30 @@ Supported sources (detected automatically by :func:`read_speech_set`):
 Texts are kept as the source gives them (casing, punctuation), except TED-LIUM: see
 :func:`clean_tedlium_text`. Normalisation for scoring belongs to ``evaluation``.
 
-Audio is decoded with soundfile (FLAC, WAV, OGG, NIST SPHERE, ...) or PyAV (MP3, M4A and anything
-soundfile cannot read), averaged to mono and resampled with soxr (``HQ``) to the requested rate.
+Audio is loaded by :mod:`asrprune.audio` (``load_audio``, re-exported here); fingerprints and the
+calibration/evaluation overlap guard are in :mod:`asrprune.overlap`.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import fnmatch
 import hashlib
-import io
 import json
 import logging
 import math
 import os
 import re
-import socket
-import urllib.parse
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
+
+from . import hub
+from .audio import AudioError, load_audio, probe_duration
+from .files import iter_json_lines
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +52,9 @@ __all__ = [
     "DatasetUnavailableError",
     "LAYOUTS",
     "ManifestError",
-    "Overlap",
-    "OverlapError",
     "SpeechSet",
     "Utterance",
-    "check_disjoint",
     "clean_tedlium_text",
-    "fingerprint",
     "load_audio",
     "read_speech_set",
     "speech_set_from_hf",
@@ -76,8 +73,6 @@ LAYOUTS: dict[str, str] = {
 }
 
 _WARN_LIMIT = 20  # bad lines logged one by one; beyond this, one summary line
-_AV_FIRST = {".mp3", ".m4a", ".mp4", ".aac", ".wma", ".webm", ".mkv", ".amr"}
-_AUDIO_SUFFIXES = (".flac", ".wav", ".mp3", ".ogg", ".opus", ".sph", ".m4a")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,30 +160,6 @@ class SpeechSet:
     def total_duration_s(self) -> float:
         """Sum of the known durations (utterances without one count 0)."""
         return float(sum(u.duration_s or 0.0 for u in self.utterances))
-
-
-class AudioError(ValueError):
-    """An utterance's audio is missing, unreadable, corrupt or empty."""
-
-    def __init__(self, utt_id: str, path: str, reason: str):
-        self.utt_id = utt_id
-        self.path = path
-        self.reason = reason
-        super().__init__(f"cannot load audio of utterance '{utt_id}' from {path}: {reason}")
-
-    def __reduce__(self):  # keep picklable across worker processes
-        return (type(self), (self.utt_id, self.path, self.reason))
-
-
-class OverlapError(ValueError):
-    """Calibration and evaluation data share utterances (ids or identical audio)."""
-
-    def __init__(self, message: str, overlap: "Overlap"):
-        self.overlap = overlap
-        super().__init__(message)
-
-    def __reduce__(self):
-        return (type(self), (self.args[0], self.overlap))
 
 
 class DatasetUnavailableError(FileNotFoundError):
@@ -493,6 +464,19 @@ class _Collector:
 _JSONL_KNOWN = {"id", "audio", "text", "duration_s", "speaker", "start_s", "end_s", "source"}
 
 
+def _table_rows(reader, header: list[str], path: Path, out: _Collector) -> Iterator[tuple[int, dict[str, str]]]:
+    """``(line number, {column: cell})`` of a CSV/TSV reader; blank rows are skipped and rows with
+    another number of columns than the header are recorded as errors."""
+    for row in reader:
+        lineno = reader.line_num
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            out.error(path, lineno, f"has {len(row)} columns, the header has {len(header)}")
+            continue
+        yield lineno, dict(zip(header, row))
+
+
 def _read_jsonl(path: Path, split: str = "") -> SpeechSet:
     if path.is_dir():
         path = path / "manifest.jsonl"
@@ -500,54 +484,49 @@ def _read_jsonl(path: Path, split: str = "") -> SpeechSet:
         raise FileNotFoundError(f"manifest not found: {path}")
     base = path.parent.resolve()
     out = _Collector()
-    with open(path, encoding="utf-8-sig") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                out.error(path, lineno, f"not valid JSON ({exc.msg} at column {exc.colno})")
-                continue
-            if not isinstance(row, dict):
-                out.error(path, lineno, f"expected a JSON object, got {type(row).__name__}")
-                continue
-            missing = [k for k in ("id", "audio", "text") if k not in row]
-            if missing:
-                out.error(path, lineno, f"missing field {', '.join(missing)}")
-                continue
-            if not isinstance(row["text"], str):
-                out.error(path, lineno, f"field text is not a string: {row['text']!r}")
-                continue
-            if not isinstance(row["audio"], str) or not row["audio"]:
-                out.error(path, lineno, f"field audio is not a non-empty path: {row['audio']!r}")
-                continue
-            if row["id"] is None or str(row["id"]) == "":
-                out.error(path, lineno, "field id is empty")
-                continue
-            try:
-                start_s = _opt_float(row.get("start_s"), "start_s")
-                end_s = _opt_float(row.get("end_s"), "end_s")
-                duration = _opt_float(row.get("duration_s"), "duration_s")
-                if start_s is not None and end_s is not None and end_s <= start_s:
-                    raise ValueError(f"end_s {end_s} is not after start_s {start_s}")
-            except ValueError as exc:
-                out.error(path, lineno, str(exc))
-                continue
-            if duration is None and end_s is not None:
-                duration = end_s - (start_s or 0.0)
-            utt = Utterance(
-                id=str(row["id"]),
-                audio=_resolve(base, row["audio"]),
-                text=row["text"],
-                duration_s=duration,
-                speaker=_opt_str(row.get("speaker")),
-                start_s=start_s,
-                end_s=end_s,
-                source=str(row.get("source") or ""),
-                extra={k: v for k, v in row.items() if k not in _JSONL_KNOWN},
-            )
-            out.add(utt, path, lineno)
+    for lineno, row, why in iter_json_lines(path):
+        if why is not None:
+            out.error(path, lineno, why)
+            continue
+        if not isinstance(row, dict):
+            out.error(path, lineno, f"expected a JSON object, got {type(row).__name__}")
+            continue
+        missing = [k for k in ("id", "audio", "text") if k not in row]
+        if missing:
+            out.error(path, lineno, f"missing field {', '.join(missing)}")
+            continue
+        if not isinstance(row["text"], str):
+            out.error(path, lineno, f"field text is not a string: {row['text']!r}")
+            continue
+        if not isinstance(row["audio"], str) or not row["audio"]:
+            out.error(path, lineno, f"field audio is not a non-empty path: {row['audio']!r}")
+            continue
+        if row["id"] is None or str(row["id"]) == "":
+            out.error(path, lineno, "field id is empty")
+            continue
+        try:
+            start_s = _opt_float(row.get("start_s"), "start_s")
+            end_s = _opt_float(row.get("end_s"), "end_s")
+            duration = _opt_float(row.get("duration_s"), "duration_s")
+            if start_s is not None and end_s is not None and end_s <= start_s:
+                raise ValueError(f"end_s {end_s} is not after start_s {start_s}")
+        except ValueError as exc:
+            out.error(path, lineno, str(exc))
+            continue
+        if duration is None and end_s is not None:
+            duration = end_s - (start_s or 0.0)
+        utt = Utterance(
+            id=str(row["id"]),
+            audio=_resolve(base, row["audio"]),
+            text=row["text"],
+            duration_s=duration,
+            speaker=_opt_str(row.get("speaker")),
+            start_s=start_s,
+            end_s=end_s,
+            source=str(row.get("source") or ""),
+            extra={k: v for k, v in row.items() if k not in _JSONL_KNOWN},
+        )
+        out.add(utt, path, lineno)
     name = path.parent.name if path.name == "manifest.jsonl" else path.stem
     return SpeechSet(name, out.utterances, str(path), out.errors)
 
@@ -576,14 +555,7 @@ def _read_csv(path: Path, split: str = "") -> SpeechSet:
                 f"and a text column (one of {', '.join(_TEXT_COLUMNS)}); its first row is "
                 f"{delimiter.join(header)!r}"
             )
-        for row in reader:
-            lineno = reader.line_num
-            if not row or all(not cell.strip() for cell in row):
-                continue
-            if len(row) != len(header):
-                out.error(path, lineno, f"has {len(row)} columns, the header has {len(header)}")
-                continue
-            values = dict(zip(header, row))
+        for lineno, values in _table_rows(reader, header, path, out):
             audio = values[path_col].strip()
             if not audio:
                 out.error(path, lineno, f"empty {path_col}")
@@ -683,14 +655,7 @@ def _read_commonvoice(path: Path, split: str) -> SpeechSet:
             raise ValueError(
                 f"{tsv} needs the Common Voice columns path and sentence; its header is {header!r}"
             )
-        for row in reader:
-            lineno = reader.line_num
-            if not row:
-                continue
-            if len(row) != len(header):
-                out.error(tsv, lineno, f"has {len(row)} columns, the header has {len(header)}")
-                continue
-            values = dict(zip(header, row))
+        for lineno, values in _table_rows(reader, header, tsv, out):
             clip = values["path"].strip()
             if not clip:
                 out.error(tsv, lineno, "empty path")
@@ -845,53 +810,6 @@ _READERS = {
 # ----------------------------------------------------------------------------------------------
 
 
-def _hub_offline_flag() -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
-        return True
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except ImportError:  # pragma: no cover - datasets depends on huggingface_hub
-        return False
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP probe of the hub endpoint, so that offline users get an answer in seconds.
-
-    Behind a proxy the probe would say nothing useful, so it reports reachable there.
-    """
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    parsed = urllib.parse.urlparse(endpoint)
-    host = parsed.hostname or "huggingface.co"
-    port = parsed.port or (443 if parsed.scheme != "http" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-@contextmanager
-def _offline_mode():
-    """Make datasets/huggingface_hub use only their local cache (fails fast instead of retrying).
-
-    Both libraries read ``HF_HUB_OFFLINE`` once at import time, so the env var alone is not enough.
-    """
-    import datasets.config
-    from huggingface_hub import constants
-
-    saved = (constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE)
-    constants.HF_HUB_OFFLINE = True
-    datasets.config.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
-
-
 def _read_hf(
     spec: str,
     config: str | None,
@@ -921,11 +839,11 @@ def _read_hf(
             f"installed (pip install 'asrprune[datasets]'). {local_hint}"
         ) from None
 
-    offline = _hub_offline_flag()
-    reachable = True if offline else _hub_reachable()
+    offline = hub.hub_offline()
+    reachable = True if offline else hub.hub_reachable()
     try:
         if offline or not reachable:
-            with _offline_mode():
+            with hub.offline_mode():
                 ds = datasets.load_dataset(name, config, split=split, streaming=streaming)
         else:
             ds = datasets.load_dataset(name, config, split=split, streaming=streaming)
@@ -1062,151 +980,8 @@ def speech_set_from_hf(
 
 
 # ----------------------------------------------------------------------------------------------
-# audio
+# durations
 # ----------------------------------------------------------------------------------------------
-
-
-class _DecodeError(Exception):
-    pass
-
-
-def load_audio(utt: Utterance, sampling_rate: int = 16000) -> np.ndarray:
-    """Load an utterance's audio as mono float32 at ``sampling_rate``, its segment only.
-
-    Channels are averaged; any input rate is resampled with soxr (quality ``HQ``). soundfile
-    reads FLAC/WAV/OGG/NIST SPHERE; PyAV reads MP3/M4A and anything soundfile cannot.
-    Nothing is truncated: a 34 s utterance comes back whole.
-
-    Args:
-        utt: the utterance (file-backed, ``start_s``/``end_s`` segment, or in-memory).
-        sampling_rate: output rate in Hz.
-
-    Returns:
-        float32 array of shape (n_samples,), n_samples ~= duration * sampling_rate.
-
-    Raises:
-        AudioError: the file is missing, unreadable/corrupt, empty, or the segment lies outside it.
-    """
-    path = utt.audio
-    if utt.array is not None:
-        if not utt.sampling_rate:
-            raise AudioError(utt.id, path, "in-memory audio has no sampling_rate")
-        data = np.asarray(utt.array, dtype=np.float32)
-        if data.ndim == 1:
-            data = data[:, None]
-        elif data.ndim != 2:
-            raise AudioError(utt.id, path, f"in-memory audio has shape {data.shape}")
-        rate = int(utt.sampling_rate)
-        data = _slice_segment(utt, data, rate)
-    else:
-        if utt.audio_bytes is not None:
-            opener = lambda: io.BytesIO(utt.audio_bytes)  # noqa: E731
-            suffix = Path(urllib.parse.urlparse(path).path).suffix.lower()
-        else:
-            if "://" in path:
-                raise AudioError(utt.id, path, "remote audio is not supported; download it first")
-            if not os.path.isfile(path):
-                raise AudioError(utt.id, path, "file not found")
-            if os.path.getsize(path) == 0:
-                raise AudioError(utt.id, path, "file is empty (0 bytes)")
-            opener = lambda: path  # noqa: E731
-            suffix = Path(path).suffix.lower()
-        data, rate = _decode(utt, opener, suffix)
-    if data.shape[0] == 0:
-        where = " in the segment" if utt.end_s is not None else ""
-        raise AudioError(utt.id, path, f"no audio samples{where}")
-    mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
-    if not np.all(np.isfinite(mono)):
-        raise AudioError(utt.id, path, "audio contains NaN or infinite samples")
-    if rate != sampling_rate:
-        import soxr
-
-        mono = soxr.resample(mono, rate, sampling_rate, quality="HQ")
-    return np.ascontiguousarray(mono, dtype=np.float32)
-
-
-def _decode(utt: Utterance, opener, suffix: str) -> tuple[np.ndarray, int]:
-    """(samples, channels) float32 and the file's rate; soundfile first unless PyAV suits better."""
-    if suffix in _AV_FIRST:
-        order = (_decode_av, _decode_soundfile)
-    else:
-        order = (_decode_soundfile, _decode_av)
-    reasons = []
-    for decoder in order:
-        try:
-            return decoder(utt, opener())
-        except AudioError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - each backend fails its own way
-            reasons.append(f"{decoder.__name__.removeprefix('_decode_')}: {exc}".strip())
-    raise AudioError(utt.id, utt.audio, "unreadable or corrupt audio (" + "; ".join(reasons) + ")")
-
-
-def _segment_frames(utt: Utterance, rate: int, n_frames: int | None) -> tuple[int, int | None]:
-    start = int(round(utt.start_s * rate)) if utt.start_s else 0
-    stop = int(round(utt.end_s * rate)) if utt.end_s is not None else None
-    if n_frames is not None:
-        if start >= n_frames and (utt.start_s or 0) > 0:
-            raise AudioError(
-                utt.id, utt.audio,
-                f"segment starts at {utt.start_s:.2f} s but the audio is only "
-                f"{n_frames / rate:.2f} s long",
-            )
-        stop = n_frames if stop is None else min(stop, n_frames)
-    return start, stop
-
-
-def _slice_segment(utt: Utterance, data: np.ndarray, rate: int) -> np.ndarray:
-    if utt.start_s is None and utt.end_s is None:
-        return data
-    start, stop = _segment_frames(utt, rate, data.shape[0])
-    return data[start:stop]
-
-
-def _decode_soundfile(utt: Utterance, src) -> tuple[np.ndarray, int]:
-    import soundfile as sf
-
-    with sf.SoundFile(src) as f:
-        rate = f.samplerate
-        start, stop = _segment_frames(utt, rate, f.frames)
-        if start:
-            f.seek(start)
-        data = f.read(max(stop - start, 0), dtype="float32", always_2d=True)
-    return data, rate
-
-
-def _decode_av(utt: Utterance, src) -> tuple[np.ndarray, int]:
-    import av
-
-    with av.open(src) as container:
-        stream = next((s for s in container.streams if s.type == "audio"), None)
-        if stream is None:
-            raise _DecodeError("no audio stream")
-        rate = stream.codec_context.sample_rate or stream.rate
-        start, stop = _segment_frames(utt, rate, None)
-        # Convert the sample format only (planar float); rate and channels stay, soxr resamples.
-        resampler = av.AudioResampler(format="fltp")
-        chunks, n = [], 0
-        for frame in container.decode(stream):
-            for out in resampler.resample(frame):
-                chunk = out.to_ndarray()  # (channels, samples)
-                chunks.append(chunk)
-                n += chunk.shape[1]
-            if stop is not None and n >= stop:
-                break
-        else:
-            for out in resampler.resample(None):
-                chunks.append(out.to_ndarray())
-    if not chunks:
-        raise _DecodeError("no audio frames decoded")
-    data = np.concatenate(chunks, axis=1).T.astype(np.float32, copy=False)
-    if start >= data.shape[0] and start > 0:
-        raise AudioError(
-            utt.id, utt.audio,
-            f"segment starts at {utt.start_s:.2f} s but the audio is only "
-            f"{data.shape[0] / rate:.2f} s long",
-        )
-    return data[start:stop], rate
 
 
 def _with_duration(utt: Utterance) -> Utterance:
@@ -1217,7 +992,7 @@ def _with_duration(utt: Utterance) -> Utterance:
     if utt.array is not None and utt.sampling_rate:
         duration = np.asarray(utt.array).shape[0] / float(utt.sampling_rate)
     elif utt.audio_bytes is None and os.path.isfile(utt.audio):
-        duration = _probe_duration(utt.audio)
+        duration = probe_duration(utt.audio)
     if duration is None:
         return utt
     if utt.start_s is not None or utt.end_s is not None:
@@ -1225,216 +1000,5 @@ def _with_duration(utt: Utterance) -> Utterance:
     return _replace(utt, duration_s=round(max(duration, 0.0), 6))
 
 
-def _probe_duration(path: str) -> float | None:
-    if Path(path).suffix.lower() not in _AV_FIRST:
-        try:
-            import soundfile as sf
-
-            info = sf.info(path)
-            if info.frames > 0:
-                return info.frames / float(info.samplerate)
-        except Exception:  # noqa: BLE001 - fall through to PyAV
-            pass
-    try:
-        import av
-
-        with av.open(path) as container:
-            stream = next((s for s in container.streams if s.type == "audio"), None)
-            if stream is not None and stream.duration and stream.time_base:
-                return float(stream.duration * stream.time_base)
-            if container.duration:
-                return container.duration / 1_000_000.0
-    except Exception:  # noqa: BLE001 - unreadable files fail in load_audio with a reason
-        return None
-    return None
-
-
 def _replace(utt: Utterance, **changes) -> Utterance:
-    from dataclasses import replace
-
-    return replace(utt, **changes)
-
-
-# ----------------------------------------------------------------------------------------------
-# fingerprints and the calibration/evaluation overlap guard
-# ----------------------------------------------------------------------------------------------
-
-
-def _flatten(items) -> list[Utterance]:
-    if isinstance(items, (SpeechSet, Utterance)):
-        items = [items]
-    out: list[Utterance] = []
-    for item in items:
-        if isinstance(item, Utterance):
-            out.append(item)
-        elif isinstance(item, SpeechSet):
-            out.extend(item.utterances)
-        else:
-            out.extend(_flatten(item))
-    return out
-
-
-def _array_digest(utt: Utterance) -> str:
-    h = hashlib.sha256()
-    h.update(f"{utt.sampling_rate}:".encode())
-    if utt.array is not None:
-        arr = np.ascontiguousarray(utt.array)
-        h.update(f"{arr.dtype}{arr.shape}".encode())
-        h.update(arr.tobytes())
-    else:
-        h.update(utt.audio_bytes or b"")
-    return h.hexdigest()
-
-
-def fingerprint(utterances: Iterable[Utterance] | SpeechSet) -> str:
-    """Short hex id of a set of utterances: ids, texts, segments and audio sizes, order-free.
-
-    File sizes (not mtimes, which change on every copy) stand for the audio, so the same data
-    on two machines gets the same fingerprint; in-memory audio is hashed in full.
-
-    Args:
-        utterances: utterances or a SpeechSet (nested lists of them work too).
-
-    Returns:
-        16 hex characters of a sha256.
-    """
-    h = hashlib.sha256()
-    for utt in sorted(_flatten(utterances), key=lambda u: u.id):
-        if utt.array is not None or utt.audio_bytes is not None:
-            audio = _array_digest(utt)
-        else:
-            try:
-                audio = os.path.getsize(utt.audio)
-            except OSError:
-                audio = -1
-        h.update(json.dumps([utt.id, utt.text, utt.start_s, utt.end_s, audio],
-                            ensure_ascii=False).encode())
-        h.update(b"\n")
-    return h.hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class Overlap:
-    """What calibration and evaluation share: ids, and (calibration id, evaluation id) pairs
-    with identical audio under different ids."""
-
-    shared_ids: tuple[str, ...] = ()
-    identical_audio: tuple[tuple[str, str], ...] = ()
-
-    @property
-    def count(self) -> int:
-        """Number of evaluation utterances involved."""
-        return len(set(self.shared_ids) | {e for _, e in self.identical_audio})
-
-    def __bool__(self) -> bool:
-        return self.count > 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "shared_ids": list(self.shared_ids),
-            "identical_audio": [list(p) for p in self.identical_audio],
-            "count": self.count,
-        }
-
-
-def _cheap_audio_key(utt: Utterance) -> tuple | None:
-    """A key equal for every pair of possibly identical audio (size + span); None if unreadable."""
-    span = (utt.start_s, utt.end_s)
-    if utt.array is not None or utt.audio_bytes is not None:
-        return ("mem", _array_digest(utt), span)
-    try:
-        return ("file", os.path.getsize(utt.audio), span)
-    except OSError:
-        return None
-
-
-def _file_digest(path: str, cache: dict[str, str]) -> str:
-    if path not in cache:
-        h = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                h.update(block)
-        cache[path] = h.hexdigest()
-    return cache[path]
-
-
-def check_disjoint(
-    calibration: Iterable[Utterance] | SpeechSet,
-    evaluation: Iterable[Utterance] | SpeechSet | Sequence[SpeechSet],
-    *,
-    allow_overlap: bool = False,
-) -> Overlap:
-    """Refuse calibration data that overlaps the evaluation data.
-
-    Two utterances overlap when they share an id or their audio is identical: the sha256 of
-    the file bytes plus the segment span (segments of one file only match on the same span),
-    or of the in-memory audio. Files are hashed only when their size matches a file of the
-    other side.
-
-    Args:
-        calibration: calibration utterances (or SpeechSet).
-        evaluation: evaluation utterances, a SpeechSet, or several SpeechSets.
-        allow_overlap: log a warning instead of raising.
-
-    Returns:
-        The :class:`Overlap` found (empty when disjoint).
-
-    Raises:
-        OverlapError: overlap found and ``allow_overlap`` is False; the message lists up to 10
-            offenders, their count, and how to allow it.
-    """
-    calib = _flatten(calibration)
-    evals = _flatten(evaluation)
-    calib_ids = {u.id for u in calib}
-    shared = sorted({u.id for u in evals if u.id in calib_ids})
-
-    calib_keys: dict[tuple, list[Utterance]] = {}
-    for utt in calib:
-        key = _cheap_audio_key(utt)
-        if key is not None:
-            calib_keys.setdefault(key, []).append(utt)
-    cache: dict[str, str] = {}
-
-    def digest(utt: Utterance) -> str:
-        if utt.array is not None or utt.audio_bytes is not None:
-            return _array_digest(utt)
-        return _file_digest(utt.audio, cache)
-
-    identical: list[tuple[str, str]] = []
-    shared_set = set(shared)
-    for utt in evals:
-        key = _cheap_audio_key(utt)
-        if key is None or key not in calib_keys:
-            continue
-        try:
-            target = digest(utt)
-            for other in calib_keys[key]:
-                if other.id != utt.id and utt.id not in shared_set and digest(other) == target:
-                    identical.append((other.id, utt.id))
-                    break
-        except OSError as exc:
-            log.debug("overlap check could not hash %s: %s", utt.audio, exc)
-    overlap = Overlap(tuple(shared), tuple(identical))
-    if not overlap:
-        return overlap
-
-    parts = []
-    if shared:
-        shown = ", ".join(shared[:10]) + (", ..." if len(shared) > 10 else "")
-        parts.append(f"{len(shared)} shared utterance ids ({shown})")
-    if identical:
-        shown = ", ".join(f"{e} = {c}" for c, e in identical[:10])
-        parts.append(
-            f"{len(identical)} evaluation utterances whose audio is identical to a calibration "
-            f"utterance (evaluation = calibration: {shown}{', ...' if len(identical) > 10 else ''})"
-        )
-    message = (
-        f"calibration and evaluation data overlap in {overlap.count} of {len(evals)} evaluation "
-        f"utterances: {'; '.join(parts)}. Diagnostics calibrated on test data overstate what "
-        "they predict; choose disjoint sets (e.g. --include/--exclude id patterns), or pass "
-        "allow_overlap=True (CLI: --allow-overlap) to proceed anyway."
-    )
-    if allow_overlap:
-        log.warning("%s (allowed)", message)
-        return overlap
-    raise OverlapError(message, overlap)
+    return dataclasses.replace(utt, **changes)

@@ -1,4 +1,5 @@
-"""Pure tensor code for pruning masks: scores in, boolean keep-masks out (imports torch only).
+"""Pure tensor code for pruning masks: scores in, boolean keep-masks out (torch and the torch-free
+validators of :mod:`asrprune.config`).
 
 A *keep-mask* is a bool tensor of the parameter's shape where ``True`` means "keep this weight".
 *Scores* rank weights: the lowest scores are pruned first (magnitude pruning uses ``|w|``).
@@ -19,11 +20,16 @@ large Whisper needs about one extra copy of the scores.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 from torch import Tensor
+
+from .config import check_nm, check_sparsity, parse_nm
+
+# The plans' validators, under the names this module has always exported.
+validate_sparsity = check_sparsity
+parse_nm_pattern = parse_nm
 
 __all__ = [
     "validate_sparsity",
@@ -38,35 +44,13 @@ __all__ = [
 ]
 
 
-def validate_sparsity(sparsity: float, *, what: str = "sparsity") -> float:
-    """Check that ``sparsity`` is a real number in [0, 1] and return it as ``float``.
-
-    Args:
-        sparsity: fraction of weights to zero (0.5 = half); percentages are rejected.
-        what: how the value is named in the error message (e.g. ``"plan entry 'x' sparsity"``).
-
-    Returns:
-        ``float(sparsity)``.
-
-    Raises:
-        ValueError: when the value is not a number, not finite, or outside [0, 1].
-    """
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        raise ValueError(f"{what} must be a number in [0, 1], got {sparsity!r}")
-    value = float(sparsity)
-    if not math.isfinite(value) or value < 0.0 or value > 1.0:
-        hint = " (sparsities are fractions: write 0.5 for 50%)" if 1.0 < value <= 100.0 else ""
-        raise ValueError(f"{what} must be in [0, 1], got {sparsity!r}{hint}")
-    return value
-
-
 def n_to_prune(numel: int, sparsity: float) -> int:
     """Number of entries pruned from ``numel`` at ``sparsity``: ``round(sparsity * numel)``.
 
     Raises:
         ValueError: when ``sparsity`` is outside [0, 1].
     """
-    value = validate_sparsity(sparsity)
+    value = check_sparsity(sparsity, error=ValueError)
     return min(int(numel), int(round(value * int(numel))))
 
 
@@ -160,22 +144,6 @@ def pooled_keep_masks(scores: Sequence[Tensor], sparsity: float) -> list[Tensor]
     return [m.reshape(s.shape) for m, s in zip(masks, scores)]
 
 
-def parse_nm_pattern(pattern: str) -> tuple[int, int]:
-    """Parse an N:M pattern such as ``"2:4"`` into ``(n, m)``: keep n of every m.
-
-    Raises:
-        ValueError: when the text is not ``N:M`` with integers ``1 <= N < M``.
-    """
-    text = str(pattern).strip()
-    parts = text.split(":")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ValueError(f"N:M pattern must look like '2:4' (keep N of every M), got {pattern!r}")
-    n, m = int(parts[0]), int(parts[1])
-    if not 1 <= n < m:
-        raise ValueError(f"N:M pattern {pattern!r} needs 1 <= N < M (e.g. '2:4' or '4:8')")
-    return n, m
-
-
 def nm_keep_mask(scores: Tensor, n: int, m: int) -> Tensor:
     """Semi-structured N:M keep-mask: keep the ``n`` highest scores in every ``m`` consecutive
     entries along the last (input) dimension.
@@ -185,8 +153,8 @@ def nm_keep_mask(scores: Tensor, n: int, m: int) -> Tensor:
 
     Args:
         scores: shape ``(..., K)`` with ``K % m == 0``.
-        n: entries kept per group, ``0 <= n <= m``.
-        m: group size, ``m >= 1``.
+        n: entries kept per group, ``1 <= n < m`` (the plans' rule).
+        m: group size.
 
     Returns:
         Bool tensor of the shape of ``scores`` with exactly ``n`` True entries in every group;
@@ -196,11 +164,7 @@ def nm_keep_mask(scores: Tensor, n: int, m: int) -> Tensor:
         ValueError: bad ``n``/``m``, a 0-d tensor, last dimension not divisible by ``m``,
             or NaN scores.
     """
-    if isinstance(n, bool) or isinstance(m, bool) or int(n) != n or int(m) != m:
-        raise ValueError(f"N:M needs integers, got n={n!r}, m={m!r}")
-    n, m = int(n), int(m)
-    if m < 1 or not 0 <= n <= m:
-        raise ValueError(f"N:M needs m >= 1 and 0 <= n <= m, got n={n}, m={m}")
+    n, m = check_nm(n, m, error=ValueError)
     if scores.dim() == 0:
         raise ValueError("N:M masks need a tensor with at least one dimension")
     k = scores.shape[-1]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +45,7 @@ from .masks import (
 )
 
 __all__ = [
+    "WeightSnapshot",
     "Scorer",
     "magnitude_scorer",
     "dict_scorer",
@@ -93,6 +94,100 @@ def dict_scorer(scores: Mapping[str, Tensor], *, name: str = "custom") -> Scorer
 
     scorer.score_name = name  # type: ignore[attr-defined]
     return scorer
+
+
+# --------------------------------------------------------------------------------------------
+# snapshot and restore
+# --------------------------------------------------------------------------------------------
+
+
+class WeightSnapshot:
+    """An exact copy of a model's tensors, to undo pruning in place (bit for bit).
+
+    One copy is kept per distinct storage, so tied tensors (token embedding / output projection)
+    are copied once and restored through every name that points at them. As a context manager it
+    restores on exit.
+
+    Args:
+        model: the model.
+        names: parameter names to keep (default: every tensor of the state dict, buffers too).
+        device: where the copies live (``None``: beside each tensor; ``"cpu"`` spares GPU memory).
+    """
+
+    def __init__(self, model: nn.Module, names: Iterable[str] | None = None, *, device: str | None = None):
+        self.model = model
+        with torch.no_grad():
+            if names is None:
+                tensors = dict(model.state_dict(keep_vars=False))
+            else:
+                params = dict(model.named_parameters())
+                tensors = {n: params[n].detach() for n in names}
+            copies: dict[int, Tensor] = {}
+            self.storage_of: dict[str, int] = {}
+            for name, t in tensors.items():
+                ptr = t.data_ptr()
+                if ptr not in copies:
+                    copies[ptr] = t.detach().to(device or t.device, copy=True)
+                self.storage_of[name] = ptr
+        self._copies = copies
+
+    def saved(self, name: str) -> Tensor:
+        """The saved copy of ``name``."""
+        return self._copies[self.storage_of[name]]
+
+    def _current(self) -> dict[str, Tensor]:
+        if set(self.storage_of) <= {n for n, _ in self.model.named_parameters()}:
+            params = dict(self.model.named_parameters())
+            return {n: params[n] for n in self.storage_of}
+        return dict(self.model.state_dict(keep_vars=False))
+
+    def restore(self) -> None:
+        """Copy the saved values back into the model's tensors, in place.
+
+        Raises:
+            RuntimeError: a tensor changed shape since the snapshot (structured pruning cannot
+                be undone in place: reload the model).
+        """
+        current = self._current()
+        with torch.no_grad():
+            for name in self.storage_of:
+                t, src = current[name], self.saved(name)
+                if t.shape != src.shape:
+                    raise RuntimeError(f"cannot restore {name}: its shape changed to {tuple(t.shape)}")
+                t.copy_(src.to(t.device))
+
+    def changed(self, prefix: str = "") -> bool:
+        """Whether any saved tensor whose name contains ``prefix`` differs from its copy now."""
+        current = self._current()
+        return any(
+            prefix in f".{name}" and not torch.equal(current[name].detach().to(self.saved(name).device), self.saved(name))
+            for name in self.storage_of
+        )
+
+    def keep_masks(self) -> dict[str, Tensor]:
+        """Keep-masks of what pruning did since the snapshot: False where a weight is zero now.
+
+        Weights that were already zero count as removed (their contribution to every predicted
+        loss term is 0).
+
+        Raises:
+            RuntimeError: a weight changed to another non-zero value (pruning only zeroes).
+        """
+        current = self._current()
+        masks = {}
+        for n in self.storage_of:
+            old, new = self.saved(n), current[n].detach().to(self.saved(n).device)
+            diff = new != old
+            if bool((diff & (new != 0)).any()):
+                raise RuntimeError(f"pruning changed {n} to non-zero values; expected zeros only")
+            masks[n] = ~((new == 0) & (diff | (old == 0)))
+        return masks
+
+    def __enter__(self) -> "WeightSnapshot":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,10 +284,7 @@ def measure_model(model: nn.Module) -> ModelSparsity:
         k["biases"] = k["biases"] + b
         components.append(
             {
-                "id": c.id,
-                "kind": c.kind.value,
-                "side": c.side,
-                "layer": c.layer,
+                **c.describe(),
                 "weights": w.to_dict(),
                 "biases": b.to_dict(),
                 "tied_with": list(c.tied_with),
@@ -395,7 +487,7 @@ def prune_model(model: nn.Module, plan: PrunePlan, *, scorer: Scorer | None = No
     with torch.no_grad():
         if plan.mode == "global":
             names = [n for group in selected for n in group]
-            sparsity = float(plan.entries[0].sparsity)  # type: ignore[arg-type]
+            sparsity = float(plan.entries[0].sparsity)
             masks = pooled_keep_masks([_score(scorer, n, params[n]) for n in names], sparsity)
             for n, mask in zip(names, masks):
                 apply_keep_mask_(params[n], mask)
@@ -407,9 +499,9 @@ def prune_model(model: nn.Module, plan: PrunePlan, *, scorer: Scorer | None = No
                     n_keep, m = entry.nm
                     masks = [_nm_mask(n, s, n_keep, m) for n, s in zip(names, scores)]
                 elif entry.scope == "component":
-                    masks = pooled_keep_masks(scores, float(entry.sparsity))  # type: ignore[arg-type]
+                    masks = pooled_keep_masks(scores, float(entry.sparsity))
                 else:
-                    masks = [keep_mask(s, float(entry.sparsity)) for s in scores]  # type: ignore[arg-type]
+                    masks = [keep_mask(s, float(entry.sparsity)) for s in scores]
                 del scores
                 for n, mask in zip(names, masks):
                     apply_keep_mask_(params[n], mask)
@@ -427,7 +519,7 @@ def prune_model(model: nn.Module, plan: PrunePlan, *, scorer: Scorer | None = No
             selector=e.selector,
             scope="global" if plan.mode == "global" else e.scope,
             pattern=e.pattern,
-            requested_sparsity=float(e.sparsity),  # type: ignore[arg-type]
+            requested_sparsity=float(e.sparsity),
             parameters=tuple(names),
             stats=_stats(params[n] for n in names),
             stats_before=before_stats,

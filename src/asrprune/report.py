@@ -34,6 +34,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+import numpy as np
+from matplotlib import patheffects
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import SymLogNorm
+from matplotlib.figure import Figure
+
+from .config import DIAGNOSTICS
+from .files import atomic_write_text, latest_rows, read_json, read_jsonl
+
 log = logging.getLogger(__name__)
 
 ALPHA = 0.05
@@ -86,31 +95,30 @@ class Study:
 
 
 def read_runs(path: Path) -> tuple[list[dict], list[str]]:
-    """Rows of ``runs.jsonl``, one per ``run_id`` (the last ``ok`` row wins, else the last row).
-
-    A truncated or invalid line (e.g. from a killed process) is skipped and reported.
+    """Rows of ``runs.jsonl``, one per ``run_id`` (:func:`asrprune.files.latest_rows`: the last
+    ``ok`` row wins, else the last row; a row without ``status`` is not ``ok``).
 
     Returns:
         (rows in order of first appearance, descriptions of the skipped lines)
     """
-    rows: "OrderedDict[str, dict]" = OrderedDict()
-    bad = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            bad.append(f"{path.name} line {n}: {exc}")
-            continue
-        if not isinstance(row, dict):
-            bad.append(f"{path.name} line {n}: not a JSON object")
-            continue
-        rid = str(row.get("run_id") or f"line{n}")
-        old = rows.get(rid)
-        if old is None or row.get("status", "ok") == "ok" or old.get("status") != "ok":
-            rows[rid] = row
-    return list(rows.values()), bad
+    bad: list[str] = []
+    rows = read_jsonl(path, errors=bad)
+    keyed = [dict(r, run_id=r.get("run_id") or f"line{n}") for n, r in enumerate(rows, 1)]
+    return list(latest_rows(keyed).values()), bad
+
+
+def _json_file(path: Path) -> dict | None:
+    """The JSON content of a result file, ``None`` when there is none.
+
+    Raises:
+        ReportError: the file is not valid JSON (named in the message).
+    """
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"{path}: not valid JSON ({exc})") from None
 
 
 def load_study(study_dir: str | Path) -> Study:
@@ -129,31 +137,14 @@ def load_study(study_dir: str | Path) -> Study:
             f"{runs_path} not found: a study directory holds runs.jsonl written by "
             "`asrprune sweep` or `asrprune reproduce`"
         )
-    options = {}
-    if (root / "study.json").is_file():
-        try:
-            options = json.loads((root / "study.json").read_text())
-        except json.JSONDecodeError as exc:
-            raise ReportError(f"{root / 'study.json'}: not valid JSON ({exc})") from None
-    else:
+    if not (root / "study.json").is_file():
         log.warning("%s has no study.json; the report will lack the study options", root)
+    options = _json_file(root / "study.json") or {}
     runs, bad = read_runs(runs_path)
-    sens = None
-    heatmaps: list[Path] = []
     sdir = root / "sensitivity"
-    if sdir.is_dir():
-        heatmaps = sorted(sdir.glob("*.png"))
-        if (sdir / "sensitivity.json").is_file():
-            try:
-                sens = json.loads((sdir / "sensitivity.json").read_text())
-            except json.JSONDecodeError as exc:
-                raise ReportError(f"{sdir / 'sensitivity.json'}: not valid JSON ({exc})") from None
-    plan_check = None
-    if (root / "plans" / "plan_check.json").is_file():
-        try:
-            plan_check = json.loads((root / "plans" / "plan_check.json").read_text())
-        except json.JSONDecodeError as exc:
-            raise ReportError(f"{root / 'plans' / 'plan_check.json'}: not valid JSON ({exc})") from None
+    heatmaps = sorted(sdir.glob("*.png")) if sdir.is_dir() else []
+    sens = _json_file(sdir / "sensitivity.json")
+    plan_check = _json_file(root / "plans" / "plan_check.json")
     return Study(root=root, options=options, runs=runs, bad_lines=bad, sensitivity=sens, heatmaps=heatmaps,
                  plan_check=plan_check)
 
@@ -164,7 +155,7 @@ def load_study(study_dir: str | Path) -> Study:
 
 
 def _ok(row: Mapping) -> bool:
-    return row.get("status", "ok") == "ok" and isinstance(row.get("summary"), Mapping)
+    return row.get("status") == "ok" and isinstance(row.get("summary"), Mapping)
 
 
 def normalise_group(group: str | None) -> str:
@@ -762,14 +753,88 @@ def build_report(study_dir: str | Path, *, out_dir: str | Path | None = None) ->
     img_dir = out / "report"
     blocks = build_blocks(study, img_dir)
     md_path, html_path = out / "report.md", out / "report.html"
-    _write_atomic(md_path, render_markdown(blocks, out))
-    _write_atomic(html_path, render_html(blocks))
+    atomic_write_text(md_path, render_markdown(blocks, out))
+    atomic_write_text(html_path, render_html(blocks))
     images = tuple(b.path for b in blocks if isinstance(b, Image))
     log.info("report written: %s, %s (%d images)", md_path, html_path, len(images))
     return ReportPaths(md_path, html_path, images)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+def draw_heatmaps(sensitivity: Mapping | str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """The sensitivity heatmaps (layers x component kinds) drawn from ``sensitivity.json``.
+
+    One PNG per diagnostic (``heatmap_<diagnostic>.png``: log10 of the per-parameter mean) and,
+    per ablation sparsity ``s``, the measured (``heatmap_loss_delta_<s>.png``) and predicted
+    (``heatmap_predicted_total_<s>.png``) loss change of pruning each component alone.
+
+    Args:
+        sensitivity: the parsed ``sensitivity.json``, the file, or its folder.
+        out_dir: where the PNGs go (default: the folder of the file; required for a mapping).
+
+    Returns:
+        The paths written.
+    """
+    if isinstance(sensitivity, Mapping):
+        data = sensitivity
+        if out_dir is None:
+            raise ValueError("draw_heatmaps: give out_dir with a parsed sensitivity.json")
+    else:
+        path = Path(sensitivity)
+        path = path / "sensitivity.json" if path.is_dir() else path
+        data = read_json(path)
+        if data is None:
+            raise FileNotFoundError(f"{path}: no readable sensitivity.json")
+        out_dir = out_dir if out_dir is not None else path.parent
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [c for c in data["components"] if c.get("layer") is not None]
+    if not rows:
+        return []
+    kinds = list(dict.fromkeys(c["kind"] for c in rows))
+    present = {int(c["layer"]) for c in rows}
+    layers = list(range(min(present), max(present) + 1))
+    written = []
+    panels = [(d, f"{d}: log10 per-parameter mean", lambda c, d=d: c["diagnostics"][d]["mean"], True) for d in DIAGNOSTICS]
+    for s in data["options"].get("ablation_sparsities", []):
+        k = f"{s:g}"
+        panels.append((f"loss_delta_{k}", f"measured loss change, pruned alone at s={k} ({data.get('loss_units', 'nats')})",
+                       lambda c, k=k: c["ablation"].get(k, {}).get("loss_delta"), False))
+        panels.append((f"predicted_total_{k}", f"predicted loss change (first + second order) at s={k}",
+                       lambda c, k=k: c["predicted"].get(k, {}).get("total"), False))
+    for name, title, get, log10 in panels:
+        grid = np.full((len(layers), len(kinds)), np.nan)
+        for c in rows:
+            v = get(c)
+            if v is None:
+                continue
+            v = float(v)
+            if log10:
+                v = math.log10(v) if v > 0 else np.nan
+            grid[layers.index(int(c["layer"])), kinds.index(c["kind"])] = v
+        if np.isnan(grid).all():
+            continue
+        fig = Figure(figsize=(1.2 + 1.1 * len(kinds), 1.2 + 0.45 * len(layers)))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(1, 1, 1)
+        norm = None
+        finite = np.abs(grid[np.isfinite(grid) & (grid != 0)])
+        if not log10 and finite.size and finite.max() / max(finite.min(), 1e-12) > 100:
+            # loss changes span orders of magnitude (layer norms vs matrices): symmetric log scale
+            norm = SymLogNorm(linthresh=float(np.percentile(finite, 20)), base=10)
+            title += " (symlog colour scale)"
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", norm=norm)
+        ax.set_xticks(range(len(kinds)), kinds, rotation=35, ha="right", fontsize=8)
+        ax.set_yticks(range(len(layers)), [str(l) for l in layers], fontsize=8)
+        ax.set_ylabel("layer")
+        ax.set_title(title, fontsize=9)
+        for i in range(len(layers)):
+            for j in range(len(kinds)):
+                if np.isfinite(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.2g}", ha="center", va="center", fontsize=6, color="w",
+                            path_effects=[patheffects.withStroke(linewidth=1.5, foreground="black")])
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        p = out / f"heatmap_{name}.png"
+        fig.savefig(p, dpi=110)
+        written.append(p)
+    return written
