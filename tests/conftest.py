@@ -72,3 +72,26 @@ def tiny_en():
     from asrprune.models import load_model
 
     return load_model("tiny.en")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A random 2+2-layer Whisper with tiny.en's vocabulary, processor and generation config.
+
+    Hidden size 16, 30 s inputs (1500 encoder positions), so real features, real token ids
+    (teacher forcing in the sensitivity analysis) and load_model all work as for tiny.en.
+    """
+    from transformers import GenerationConfig, WhisperProcessor
+
+    from asrprune.models import resolve_model_dir
+
+    src = resolve_model_dir("tiny.en")
+    d = tmp_path_factory.mktemp("tiny_model")
+    model = make_tiny_whisper(
+        vocab_size=51864, max_source_positions=1500, max_target_positions=64,
+        pad_token_id=50256, bos_token_id=50257, eos_token_id=50256, decoder_start_token_id=50257,
+    )
+    model.generation_config = GenerationConfig.from_pretrained(src)
+    model.save_pretrained(d)
+    WhisperProcessor.from_pretrained(src).save_pretrained(d)
+    return d

@@ -418,13 +418,13 @@ def test_resume_refuses_other_runs(tiny_model, tiny_processor, short_utts, norma
     out = tmp_path / "run"
     utts = short_utts[:2]
     evaluate(tiny_model, tiny_processor, utts, DecodeOptions(**FAST), out_dir=out, progress=False, normalizer=normalizer)
-    with pytest.raises(RunMismatchError, match=r"beam_size.*--overwrite"):
+    with pytest.raises(RunMismatchError, match=r"--beam-size: 1 -> 2.*--overwrite"):
         evaluate(tiny_model, tiny_processor, utts, DecodeOptions(**{**FAST, "beam_size": 2}), out_dir=out,
                  progress=False, normalizer=normalizer)
-    with pytest.raises(RunMismatchError, match="data_fingerprint"):
+    with pytest.raises(RunMismatchError, match=r"DATA or its selection \(--limit"):
         evaluate(tiny_model, tiny_processor, short_utts[:3], DecodeOptions(**FAST), out_dir=out, progress=False,
                  normalizer=normalizer)
-    with pytest.raises(RunMismatchError, match="model_fingerprint"):
+    with pytest.raises(RunMismatchError, match="MODEL"):
         evaluate(_tiny_model(seed=1), tiny_processor, utts, DecodeOptions(**FAST), out_dir=out, progress=False,
                  normalizer=normalizer)
     res = evaluate(tiny_model, tiny_processor, utts, DecodeOptions(**{**FAST, "beam_size": 2}), out_dir=out,
@@ -487,20 +487,29 @@ def test_bad_input_recorded_rest_scored(tiny_model, tiny_processor, normalizer, 
     res = evaluate(tiny_model, tiny_processor, speech_set, DecodeOptions(**FAST), out_dir=tmp_path / "out",
                    progress=False, normalizer=normalizer)
     rows = {r["id"]: r for r in res.rows}
-    assert res.n_failed == 2 and res.n_utterances == 4
+    # the empty reference is skipped by default (not decoded, not scored), as the leaderboard does
+    assert res.n_failed == 2 and res.n_utterances == 3
+    assert rows["empty_ref"]["skipped"] == "empty_reference" and "hypothesis" not in rows["empty_ref"]
     assert rows["missing"]["failed"] and "not found" in rows["missing"]["failure"]
     assert rows["corrupt"]["failed"] and rows["corrupt"]["failure"]
     assert not rows["stereo8k"]["failed"]
     assert rows["stereo8k"]["duration_s"] == pytest.approx(info["stereo_duration_s"], abs=0.01)  # resampled to 16 kHz
-    empty = rows["empty_ref"]
-    assert empty["ref_words"] == 0 and empty["insertions"] == len(empty["hypothesis_norm"].split())
     s = res.summary
     assert s["n_manifest_errors"] == 1 and "not valid JSON" in s["manifest_errors"][0]
     assert {f["id"] for f in s["failures"]} == {"missing", "corrupt"}
-    assert s["n_empty_reference"] == 1
-    scored = [r for r in res.rows if not r["failed"]]
+    assert s["n_empty_reference"] == 1 and s["empty_reference"] == {"policy": "skip", "n": 1, "ids": ["empty_ref"],
+                                                                    "scored": False}
+    scored = [r for r in res.rows if not r["failed"] and not r.get("skipped")]
+    assert len(scored) == 3
     assert res.wer == pytest.approx(sum(r["substitutions"] + r["deletions"] + r["insertions"] for r in scored)
                                     / sum(r["ref_words"] for r in scored))
+    # --empty-reference score: the empty reference is decoded and every hypothesis word is an insertion
+    scoring = evaluate(tiny_model, tiny_processor, speech_set, DecodeOptions(**FAST), out_dir=tmp_path / "scored",
+                       progress=False, normalizer=normalizer, empty_reference="score")
+    empty = {r["id"]: r for r in scoring.rows}["empty_ref"]
+    assert scoring.n_utterances == 4 and empty["ref_words"] == 0
+    assert empty["insertions"] == len(empty["hypothesis_norm"].split())
+    assert json.loads((tmp_path / "scored" / "run.json").read_text())["empty_reference"] == "score"
     # a resumed run retries the failed ones only
     again = evaluate(tiny_model, tiny_processor, speech_set, DecodeOptions(**FAST), out_dir=tmp_path / "out",
                      progress=False, normalizer=normalizer)
@@ -599,12 +608,12 @@ def test_tiny_en_bad_input(tiny_en, shared_data, tmp_path):
     model, processor = tiny_en
     path, _ = _bad_input_manifest(tmp_path, shared_data)
     res = evaluate(model, processor, read_speech_set(path), DecodeOptions(device="cpu", batch_size=4),
-                   out_dir=tmp_path / "out", progress=False)
+                   out_dir=tmp_path / "out", progress=False, empty_reference="score")
     rows = {r["id"]: r for r in res.rows}
     assert res.n_failed == 2 and res.n_utterances == 4
     assert rows["stereo8k"]["wer"] < 0.25, rows["stereo8k"]  # telephone-band copy still transcribed
     assert rows["1089-134686-0000"]["wer"] < 0.25
-    assert rows["empty_ref"]["ref_words"] == 0 and rows["empty_ref"]["insertions"] > 0
+    assert rows["empty_ref"]["ref_words"] == 0 and rows["empty_ref"]["insertions"] > 0  # scored: insertions
 
 
 @pytest.mark.slow

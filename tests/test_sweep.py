@@ -41,29 +41,6 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    """A random 2+2-layer Whisper with tiny.en's vocabulary, processor and generation config.
-
-    Hidden size 16, 30 s inputs (1500 encoder positions), so real features, real token ids
-    (teacher forcing in the sensitivity analysis) and load_model all work as for tiny.en.
-    """
-    from transformers import GenerationConfig, WhisperProcessor
-
-    from asrprune.models import resolve_model_dir
-
-    src = resolve_model_dir("tiny.en")
-    d = tmp_path_factory.mktemp("tiny_model")
-    model = make_tiny_whisper(
-        vocab_size=51864, max_source_positions=1500, max_target_positions=64,
-        pad_token_id=50256, bos_token_id=50257, eos_token_id=50256, decoder_start_token_id=50257,
-    )
-    model.generation_config = GenerationConfig.from_pretrained(src)
-    model.save_pretrained(d)
-    WhisperProcessor.from_pretrained(src).save_pretrained(d)
-    return d
-
-
 def _manifest(shared_data: Path, out: Path, set_name: str, n: int) -> Path:
     """The n shortest utterances of a shared set, with absolute audio paths."""
     src = shared_data / set_name / "manifest.jsonl"
@@ -305,7 +282,8 @@ def test_encoder_reuse_identical_transcripts_and_fewer_encoder_calls(tiny_dir, s
 def test_disk_encoder_cache_is_reused_by_a_new_runner(tiny_dir, small_sets, tmp_path):
     spec = _spec(tiny_dir, small_sets["eval"], encoder_cache="disk", selectors=["decoder_ffn"], sparsities=[0.3])
     run_sweep(spec, tmp_path / "a", progress=False)
-    assert len(list((tmp_path / "a" / "encoder_cache").rglob("*.pt"))) == 3
+    assert len(list((tmp_path / "a" / "encoder_cache").rglob("*.safetensors"))) == 3  # no pickles
+    assert not list((tmp_path / "a" / "encoder_cache").rglob("*.pt"))
     spec2 = _spec(tiny_dir, small_sets["eval"], encoder_cache="disk", selectors=["decoder_ffn"], sparsities=[0.5])
     runner = SweepRunner(progress=False)
     run_sweep(spec2, tmp_path / "a", progress=False, runner=runner)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .config import DTYPES, MODES, PROTOCOLS, check_sparsity
+from .files import prepare_out_dir
 
 log = logging.getLogger("asrprune")
 
@@ -124,6 +125,34 @@ def _parser(args) -> argparse.ArgumentParser:
     return args._parser
 
 
+def _add_trust_pickle(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="also load a pickle checkpoint (pytorch_model.bin); pickles can run code when "
+                   "loaded, so only safetensors are loaded otherwise")
+
+
+def _add_scoring_flags(p: argparse.ArgumentParser) -> None:
+    """How evaluation treats empty references and failed utterances (defaults: ``evaluate``'s)."""
+    import inspect
+
+    from .evaluation import EMPTY_REFERENCE_POLICIES, evaluate
+
+    params = inspect.signature(evaluate).parameters
+    p.add_argument("--empty-reference", choices=EMPTY_REFERENCE_POLICIES, default=params["empty_reference"].default,
+                   help="an utterance whose reference is empty after normalisation: skip it (not decoded, "
+                   "not scored, as the Open ASR leaderboard does), score it (its words are insertions) or "
+                   "refuse the set")
+    p.add_argument("--max-failed-fraction", type=_fraction, default=params["max_failed_fraction"].default,
+                   help="fail the run when more than this fraction of the utterances cannot be read "
+                   "(when not given: only when none is scored)")
+
+
+def _add_encoding(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--encoding", default="utf-8",
+                   help="text encoding of manifests and transcripts (a line that does not decode is "
+                   "reported by file and line and skipped)")
+
+
 # One-line help of every command, in the order of a study (``asrprune --help`` lists them).
 _HELP = {
     "models": "list built-in and cached models; convert a CTranslate2 directory",
@@ -219,6 +248,7 @@ def _add_components(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--select", metavar="SELECTOR", default=None,
                    help="only show what SELECTOR selects (e.g. late_encoder, decoder.layers[0].ffn)")
+    _add_trust_pickle(p)
     p.set_defaults(func=_run_components)
 
 
@@ -227,7 +257,7 @@ def _run_components(args) -> int:
     from .models import load_model
     from .prune import measure_model
 
-    model, _ = load_model(args.model)
+    model, _ = load_model(args.model, trust_pickle=args.trust_pickle)
     rows = component_table(model)
     selected = None
     if args.select:
@@ -316,6 +346,7 @@ def _add_allocate(sub) -> None:
                    help="also check counts and the measured sparsity by pruning this model (restored after)")
     p.add_argument("--no-baselines", action="store_true", help="do not write the uniform/global plans")
     p.add_argument("--out", type=Path, required=True, help="plan YAML to write")
+    _add_trust_pickle(p)
     p.set_defaults(func=_run_allocate)
 
 
@@ -339,7 +370,7 @@ def _run_allocate(args) -> int:
     if args.model:
         from .models import load_model
 
-        model, _ = load_model(args.model)
+        model, _ = load_model(args.model, trust_pickle=args.trust_pickle)
         m = verify_allocation(alloc, model)
         print(
             f"checked on {args.model}: newly pruned {m['pruned_linear']:.4f} of {m['linear_weights']} "
@@ -372,6 +403,8 @@ def _add_sweep(sub) -> None:
 
 def _run_sweep(args) -> int:
     from .sweep import SweepSpec, run_sweep
+
+    prepare_out_dir(args.out, create=False)  # a file there is refused before any slow step
 
     spec = SweepSpec.from_yaml(args.spec)
     summary = run_sweep(spec, args.out, retry_failed=args.retry_failed, progress=not args.no_progress)
@@ -458,6 +491,9 @@ def _add_reproduce(sub) -> None:
                    "that stage on a large model)")
     p.add_argument("--allow-overlap", action="store_true",
                    help="let calibration overlap evaluation data (recorded; not recommended)")
+    _add_scoring_flags(p)
+    _add_encoding(p)
+    _add_trust_pickle(p)
     p.add_argument("--retry-failed", action="store_true", help="rerun runs that failed before")
     p.add_argument("--no-report", action="store_true", help="do not build the report at the end")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -468,20 +504,29 @@ def _study_spec(args):
     """The :class:`~asrprune.study.StudySpec` of ``reproduce``'s flags."""
     from .sensitivity import SensitivityOptions
     from .study import StudySpec
+    from .sweep import DataSpec
+
+    def data(text: str) -> DataSpec:
+        spec = DataSpec.parse(text)
+        return dataclasses.replace(spec, encoding=args.encoding) if args.encoding != "utf-8" else spec
 
     return StudySpec(
-        model=args.model, data=tuple(args.data), calibration=args.calibration,
+        model=args.model, data=tuple(data(d) for d in args.data), calibration=data(args.calibration),
         limit=args.limit, sample=args.sample, seed=args.seed, protocols=args.protocols,
         preset=args.preset, sparsities=args.sparsities, calibration_limit=args.calibration_limit,
         decode=_decode_options(args), target=args.target, allow_overlap=args.allow_overlap,
         retry_failed=args.retry_failed, encoder_cache=args.encoder_cache,
         sensitivity=SensitivityOptions(ablation_sparsities=tuple(args.ablation_sparsities)),
+        empty_reference=args.empty_reference, max_failed_fraction=args.max_failed_fraction,
+        trust_pickle=args.trust_pickle,
     )
 
 
 def _run_reproduce(args) -> int:
     from .files import latest_rows, read_jsonl
     from .study import reproduce
+
+    prepare_out_dir(args.out, create=False)  # a file there is refused before any slow step
 
     result = reproduce(_study_spec(args), args.out, progress=not args.no_progress, report=not args.no_report)
     d = result.to_dict()
@@ -536,6 +581,7 @@ def _add_prune(sub) -> None:
     p.add_argument("--dtype", default=DTYPES[0], choices=DTYPES, help="dtype the model is loaded, pruned and saved in")
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
     p.add_argument("--json", action="store_true", help="print the pruning result as JSON")
+    _add_trust_pickle(p)
     p.set_defaults(func=_run_prune)
 
 
@@ -562,7 +608,7 @@ def _run_prune(args) -> int:
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"--out {out} is not empty; choose another directory or pass --overwrite")
 
-    model, processor = load_model(args.model, dtype=args.dtype)
+    model, processor = load_model(args.model, dtype=args.dtype, trust_pickle=args.trust_pickle)
     source_fp = model_fingerprint(model)
     result = prune_model(model, plan)
     save_pruned(model, processor, out, pruning=result.to_dict(), source=str(args.model),
@@ -716,16 +762,18 @@ def _add_sensitivity(sub) -> None:
     p.add_argument("--loss-reduction", choices=LOSS_REDUCTIONS, default=d["loss_reduction"],
                    help="per-utterance loss: sequence NLL (sum over tokens) or per-token mean")
     p.add_argument("--restart", action="store_true", help="discard checkpoints in --out instead of resuming")
+    _add_encoding(p)
+    _add_trust_pickle(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_sensitivity)
 
 
-def _read_set(text: str, *, include=None, limit=None, sample=None, seed=0):
+def _read_set(text: str, *, include=None, limit=None, sample=None, seed=0, encoding="utf-8"):
     from .manifests import read_speech_set
 
     source, _, pattern = str(text).partition("::")
     patterns = list(include or []) + ([pattern] if pattern else [])
-    return read_speech_set(source, include=patterns or None, limit=limit, sample=sample, seed=seed)
+    return read_speech_set(source, include=patterns or None, limit=limit, sample=sample, seed=seed, encoding=encoding)
 
 
 def _run_sensitivity(args) -> int:
@@ -733,6 +781,8 @@ def _run_sensitivity(args) -> int:
     from .models import load_model
     from .report import draw_heatmaps
     from .sensitivity import SensitivityOptions, score_sensitivity
+
+    prepare_out_dir(args.out, create=False)  # a file there is refused before any slow step
 
     options = SensitivityOptions(
         labels=LabelSpec(labels=args.labels, text_form=args.text_form, language=args.language or None),
@@ -743,13 +793,15 @@ def _run_sensitivity(args) -> int:
         cache_mb=args.cache_mb, loss_reduction=args.loss_reduction,
     )
     decode = _decode_options(args)
-    calib = _read_set(args.calibration, include=args.include, limit=args.limit, sample=args.sample, seed=args.seed)
+    calib = _read_set(args.calibration, include=args.include, limit=args.limit, sample=args.sample, seed=args.seed,
+                      encoding=args.encoding)
     if not calib.utterances:
         raise ValueError(f"{args.calibration}: no calibration utterances selected (check --include/--limit)")
     evaluation = None
     if args.eval_data:
-        evaluation = [u for d in args.eval_data for u in _read_set(d).utterances]
-    model, processor = load_model(args.model, device=decode.resolved_device(), dtype=decode.dtype)
+        evaluation = [u for d in args.eval_data for u in _read_set(d, encoding=args.encoding).utterances]
+    model, processor = load_model(args.model, device=decode.resolved_device(), dtype=decode.dtype,
+                                  trust_pickle=args.trust_pickle)
     result = score_sensitivity(
         model, processor, calib.utterances, options=options, out_dir=args.out,
         evaluation=evaluation, allow_overlap=args.allow_overlap, decode=decode,
@@ -820,6 +872,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--text-column", default="text", help="text column of a Hugging Face dataset")
     p.add_argument("--streaming", action="store_true", help="stream a Hugging Face dataset")
     p.add_argument("--overwrite", action="store_true", help="discard results already in --out instead of resuming")
+    _add_scoring_flags(p)
+    _add_encoding(p)
+    _add_trust_pickle(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_evaluate)
 
@@ -829,24 +884,26 @@ def _run_evaluate(args) -> int:
     from .manifests import read_speech_set
     from .models import load_model
 
+    prepare_out_dir(args.out, create=False)  # a file there is refused before any slow step
+
     options = _decode_options(args, protocol=args.protocol, beam_size=args.beam_size, language=args.language,
                               num_workers=args.workers)
     speech_set = read_speech_set(
         args.data, limit=args.limit, sample=args.sample, seed=args.seed, include=args.include,
         exclude=args.exclude, hf_config=args.hf_config, hf_split=args.hf_split,
         audio_column=args.audio_column, text_column=args.text_column, streaming=args.streaming,
+        encoding=args.encoding,
     )
-    for err in speech_set.errors[:10]:
-        print(f"skipped: {err}", file=sys.stderr)
-    if len(speech_set.errors) > 10:
-        print(f"skipped {len(speech_set.errors) - 10} more unreadable lines", file=sys.stderr)
     if not speech_set.utterances:
         raise ValueError(f"{args.data}: no utterances selected (check --include/--exclude/--limit)")
-    model, processor = load_model(args.model, device=options.resolved_device(), dtype=options.dtype)
+    model, processor = load_model(args.model, device=options.resolved_device(), dtype=options.dtype,
+                                  trust_pickle=args.trust_pickle)
     result = evaluate(
         model, processor, speech_set, options, out_dir=args.out, progress=not args.no_progress,
         model_spec=str(args.model), overwrite=args.overwrite, bootstrap_n=args.bootstrap_n,
-        bootstrap_speakers=args.bootstrap_speakers,
+        bootstrap_speakers=args.bootstrap_speakers, empty_reference=args.empty_reference,
+        max_failed_fraction=args.max_failed_fraction,
+        selection={k: getattr(args, k) for k in ("limit", "sample", "seed", "include", "exclude")},
     )
     s = result.summary
     unit = "speakers" if args.bootstrap_speakers else "utterances"

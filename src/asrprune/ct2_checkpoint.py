@@ -27,6 +27,8 @@ from typing import BinaryIO, Iterable
 import numpy as np
 import torch
 
+from .files import apply_umask
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -457,8 +459,7 @@ def convert_ctranslate2(
             )
             + "\n"
         )
-        for path in [tmp, *tmp.iterdir()]:
-            path.chmod(0o755 if path.is_dir() else 0o644)  # mkdtemp/safetensors make them private
+        apply_umask(tmp)  # mkdtemp and safetensors make them private
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

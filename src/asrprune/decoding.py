@@ -49,12 +49,14 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import LogitsProcessorList
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
 from .audio import AudioError, load_audio
 from .config import PROTOCOLS, check_dtype
+from .files import apply_umask
 from .manifests import Utterance
 from .models import is_multilingual, torch_dtype
 
@@ -255,7 +257,7 @@ class EncoderCache:
 class DiskEncoderCache(EncoderCache):
     """An :class:`EncoderCache` that also keeps every output as a file, so a rerun reuses them.
 
-    Files: ``DIR/<encoder fingerprint>/<sha256 of the utterance id>.pt``.
+    Files: ``DIR/<encoder fingerprint>/<sha256 of the utterance id>.safetensors`` (no pickles).
     """
 
     def __init__(self, directory: str | os.PathLike, **kwargs: Any) -> None:
@@ -265,7 +267,7 @@ class DiskEncoderCache(EncoderCache):
 
     def _path(self, key: tuple[str, str]) -> Path:
         fp, utt_id = key
-        return self.directory / fp / (hashlib.sha256(utt_id.encode()).hexdigest()[:24] + ".pt")
+        return self.directory / fp / (hashlib.sha256(utt_id.encode()).hexdigest()[:24] + ".safetensors")
 
     def get(self, key: tuple[str, str]) -> torch.Tensor | None:
         value = super().get(key)
@@ -275,7 +277,7 @@ class DiskEncoderCache(EncoderCache):
         if not path.is_file():
             return None
         try:
-            value = torch.load(path, map_location="cpu", weights_only=True)
+            value = load_file(str(path))["hidden"]
         except Exception as exc:  # noqa: BLE001 - a torn file is recomputed
             log.warning("encoder cache file %s unreadable (%s); recomputing", path, exc)
             return None
@@ -290,8 +292,8 @@ class DiskEncoderCache(EncoderCache):
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-            torch.save(value.detach().to("cpu").contiguous(), tmp)
-            os.replace(tmp, path)
+            save_file({"hidden": value.detach().to("cpu").contiguous()}, str(tmp))
+            os.replace(apply_umask(tmp), path)
 
 
 def _prompt_length(model) -> int:

@@ -14,6 +14,7 @@ language of a multilingual model, the insertion count, and a hallucination flag 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .audio import AudioError
 from .decoding import SAMPLING_RATE, DecodeOptions, Decoder, EncoderCache, generate_kwargs, loaded_batches
-from .files import append_jsonl, atomic_write_json, atomic_write_text, env_stamp, read_jsonl
+from .files import OutputLock, append_jsonl, atomic_write_json, atomic_write_text, env_stamp, prepare_out_dir, read_json, read_jsonl
 from .manifests import Utterance
 from .models import model_fingerprint
 from .overlap import fingerprint as data_fingerprint
@@ -40,7 +41,9 @@ from .stats import bootstrap_ci, paired_bootstrap, permutation_pvalue, ratio
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "EMPTY_REFERENCE_POLICIES",
     "Comparison",
+    "EvaluationFailedError",
     "RunMismatchError",
     "WerResult",
     "compare",
@@ -60,6 +63,18 @@ _SCORING_VERSION = 1
 
 class RunMismatchError(ValueError):
     """An output directory holds results of a different run (other model, data or options)."""
+
+
+class EvaluationFailedError(ValueError):
+    """A run scored nothing, or more utterances failed than allowed: no WER to report.
+
+    ``summary.json`` is still written (``wer`` and ``cer`` null, ``status`` ``failed``) so that
+    the failures can be read; the message says how many failed and why.
+    """
+
+
+#: what to do with an utterance whose reference is empty after normalisation
+EMPTY_REFERENCE_POLICIES = ("skip", "score", "error")
 
 
 @dataclass
@@ -84,7 +99,15 @@ class WerResult:
         return self.summary
 
     def scored_rows(self) -> list[dict]:
-        return [r for r in self.rows if not r.get("failed")]
+        policy = self.summary.get("empty_reference", {}).get("policy", "score")
+        return [r for r in self.rows if _is_scored(r, policy)]
+
+
+def _is_scored(row: Mapping, policy: str) -> bool:
+    """A row counts in WER unless it failed, or has an empty reference under ``skip``."""
+    if row.get("failed") or row.get("skipped"):
+        return False
+    return policy == "score" or int(row.get("ref_words", 0) or 0) > 0
 
 
 def _finite(x: float) -> float | None:
@@ -98,22 +121,27 @@ def _summarize(
     bootstrap_seed: int,
     bootstrap_speakers: bool,
     confidence: float = 0.95,
+    empty_reference: str = "skip",
 ) -> dict:
-    """Corpus metrics of scored rows (failed rows are counted, not scored)."""
-    scored = [r for r in rows if not r.get("failed")]
+    """Corpus metrics of scored rows (failed rows are counted, not scored; empty references
+    under ``skip`` are counted apart). WER and CER are ``None`` when no reference word (character)
+    was scored: a run that scored nothing has no error rate, not a rate of 0."""
+    scored = [r for r in rows if _is_scored(r, empty_reference)]
+    failed = [r for r in rows if r.get("failed")]
+    empty = [r["id"] for r in rows if not r.get("failed") and int(r.get("ref_words", 0) or 0) == 0]
     counts = ErrorCounts()
     for r in scored:
         counts = counts + ErrorCounts.from_row(r)
     out: dict[str, Any] = {
-        "wer": _finite(counts.wer),
-        "cer": _finite(counts.cer),
+        "wer": _finite(counts.wer) if counts.ref_words else None,
+        "cer": _finite(counts.cer) if counts.ref_chars else None,
         "wer_ci": [None, None],
         "cer_ci": [None, None],
         "n_utterances": len(scored),
-        "n_failed": len(rows) - len(scored),
+        "n_failed": len(failed),
         "counts": counts.to_dict(),
     }
-    if scored:
+    if scored and counts.ref_words:
         groups = [r.get("speaker") or r["id"] for r in scored] if bootstrap_speakers else None
         kw = dict(n_resamples=bootstrap_n, seed=bootstrap_seed, groups=groups, confidence=confidence)
         counts_each = [ErrorCounts.from_row(r) for r in scored]
@@ -137,7 +165,9 @@ def _summarize(
     flagged = [r for r in scored if r.get("hallucination")]
     out["n_hallucination"] = len(flagged)
     out["hallucination_ids"] = [r["id"] for r in flagged][:50]
-    out["n_empty_reference"] = sum(1 for r in scored if r.get("ref_words", 0) == 0)
+    out["n_empty_reference"] = len(empty)
+    out["empty_reference"] = {"policy": empty_reference, "n": len(empty), "ids": empty[:50],
+                              "scored": empty_reference == "score"}
     out["failures"] = [{"id": r["id"], "reason": r.get("failure")} for r in rows if r.get("failed")][:200]
     return out
 
@@ -160,8 +190,14 @@ def load_result(out_dir: str | os.PathLike) -> WerResult:
         pos = {i: k for k, i in enumerate(order)}
         rows.sort(key=lambda r: pos.get(r["id"], len(pos)))
     bs = summary.get("bootstrap", {})
+    if "empty_reference" in summary:
+        policy = summary["empty_reference"]["policy"]
+    elif summary:  # written before the policy existed: empty references were scored
+        policy = "score"
+    else:  # a run in progress
+        policy = (read_json(out_dir / RUN_FILE, {}) or {}).get("empty_reference", "skip")
     stats = _summarize(rows, bootstrap_n=bs.get("n_resamples", 1000), bootstrap_seed=bs.get("seed", 0),
-                       bootstrap_speakers=bs.get("unit") == "speaker")
+                       bootstrap_speakers=bs.get("unit") == "speaker", empty_reference=policy)
     merged = {**stats, **{k: v for k, v in summary.items() if k not in stats}}
     return _result_from(merged, rows, out_dir)
 
@@ -209,6 +245,7 @@ class Comparison:
     n_excluded_failed: int
     n_improved: int
     n_worsened: int
+    n_excluded_empty: int = 0
     settings: dict = field(default_factory=dict)
     a: dict = field(default_factory=dict)
     b: dict = field(default_factory=dict)
@@ -239,7 +276,8 @@ def compare(
     """Compare two evaluation runs on the same utterance ids.
 
     Utterances that failed (audio error) in either run are left out of both and counted in
-    ``n_excluded_failed``.
+    ``n_excluded_failed``; empty references the runs did not score (``--empty-reference skip``)
+    are left out too (``n_excluded_empty``).
 
     Args:
         a, b: :class:`WerResult` or evaluation output directories; delta is ``b - a``.
@@ -269,7 +307,14 @@ def compare(
         )
     ids = [r["id"] for r in ra.rows]
     excluded = [i for i in ids if rows_a[i].get("failed") or rows_b[i].get("failed")]
-    ids = [i for i in ids if i not in set(excluded)]
+    policy_a = ra.summary.get("empty_reference", {}).get("policy", "score")
+    policy_b = rb.summary.get("empty_reference", {}).get("policy", "score")
+    if policy_a != policy_b:
+        raise ValueError(f"compare: the runs scored empty references differently ({policy_a} and {policy_b}); "
+                         "evaluate both with the same --empty-reference")
+    empty = [i for i in ids if i not in set(excluded)
+             and not (_is_scored(rows_a[i], policy_a) and _is_scored(rows_b[i], policy_b))]
+    ids = [i for i in ids if i not in set(excluded) and i not in set(empty)]
     if not ids:
         raise ValueError("compare: no utterance was scored in both runs")
     mismatched = [i for i in ids if rows_a[i].get("reference_norm") != rows_b[i].get("reference_norm")]
@@ -326,6 +371,7 @@ def compare(
         top_share=share,
         delta_wer_without_top=without,
         n_excluded_failed=len(excluded),
+        n_excluded_empty=len(empty),
         n_improved=int((d < 0).sum()),
         n_worsened=int((d > 0).sum()),
         settings={
@@ -353,14 +399,35 @@ def _run_label(r: WerResult) -> dict:
     }
 
 
-def _run_key(model_fp: str, data_fp: str, options: DecodeOptions, normalizer_name: str) -> dict:
-    return {
+def _run_key(model_fp: str, data_fp: str, options: DecodeOptions, normalizer_name: str,
+             empty_reference: str = "skip") -> dict:
+    key = {
         "model_fingerprint": model_fp,
         "data_fingerprint": data_fp,
         "options": options.run_key(),
         "normalizer": normalizer_name,
         "scoring_version": _SCORING_VERSION,
     }
+    if empty_reference != "skip":  # the default is left out, so that older run keys stay valid
+        key["empty_reference"] = empty_reference
+    return key
+
+
+# what changed, in the words of the flag that changes it
+_KEY_FLAGS = {
+    "model_fingerprint": "MODEL (another model, or the same one pruned otherwise)",
+    "data_fingerprint": "DATA or its selection (--limit, --sample, --seed, --include, --exclude)",
+    "options.protocol": "--protocol",
+    "options.beam_size": "--beam-size",
+    "options.dtype": "--dtype",
+    "options.device_type": "--device",
+    "options.max_new_tokens": "--max-new-tokens",
+    "options.language": "--language",
+    "normalizer": "the text normaliser",
+    "scoring_version": "the asrprune version (its scoring changed)",
+    "empty_reference": "--empty-reference",
+}
+_SELECTION_FLAGS = ("limit", "sample", "seed", "include", "exclude")
 
 
 def _diff_keys(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
@@ -370,39 +437,82 @@ def _diff_keys(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             diffs += _diff_keys(a, b, f"{prefix}{k}.")
         elif a != b:
-            diffs.append(f"{prefix}{k} ({a!r} -> {b!r})")
+            diffs.append(f"{prefix}{k}")
     return diffs
 
 
-def _prepare_out_dir(out_dir: Path, key: dict, overwrite: bool) -> dict[str, dict]:
-    """Create or validate the output directory; return the rows already finished (by id)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _mismatch(old: Mapping, key: Mapping, selection: Mapping | None) -> str | None:
+    """What differs between the run in a folder and this one, named by flag; None if nothing."""
+    old_key = {k: v for k, v in old.items() if k != "selection"}
+    parts = []
+    for path in _diff_keys(old_key, key):
+        a = _lookup(old_key, path)
+        b = _lookup(key, path)
+        if path == "data_fingerprint" and selection is not None and isinstance(old.get("selection"), Mapping):
+            changed = [f"--{f} {old['selection'].get(f)!r} -> {selection.get(f)!r}" for f in _SELECTION_FLAGS
+                       if old["selection"].get(f) != selection.get(f)]
+            if changed:
+                parts.append(", ".join(changed))
+                continue
+        parts.append(f"{_KEY_FLAGS.get(path, path)}: {a!r} -> {b!r}")
+    return "; ".join(parts) or None
+
+
+def _lookup(d: Mapping, path: str):
+    for part in path.split("."):
+        d = d.get(part) if isinstance(d, Mapping) else None
+    return d
+
+
+def _prepare_out_dir(out_dir: Path, key: dict, overwrite: bool,
+                     selection: Mapping | None = None) -> tuple[dict[str, dict], int]:
+    """Validate (or start) the output directory.
+
+    Returns:
+        The rows already finished (by id), and how many rows that failed earlier are retried.
+    """
     run_path, rows_path = out_dir / RUN_FILE, out_dir / UTTERANCES_FILE
     if overwrite:
         for name in (RUN_FILE, UTTERANCES_FILE, SUMMARY_FILE):
             (out_dir / name).unlink(missing_ok=True)
     if run_path.is_file():
-        old = json.loads(run_path.read_text())
-        diffs = _diff_keys(old, key)
-        if diffs:
+        old = read_json(run_path, {}) or {}
+        what = _mismatch(old, key, selection)
+        if what:
             raise RunMismatchError(
-                f"{out_dir} holds results of a different run (differs in: {'; '.join(diffs)}); "
-                "use a new --out directory, or --overwrite to discard them"
+                f"{out_dir} holds results of another run ({what}); use a new --out directory, "
+                "rerun with what it was run with, or pass --overwrite to discard them"
             )
     elif rows_path.is_file() and rows_path.stat().st_size > 0:
         raise RunMismatchError(
             f"{rows_path} exists but {run_path} does not, so it cannot be resumed safely; "
             "use a new --out directory, or --overwrite to discard it"
         )
-    atomic_write_json(run_path, key)
+    atomic_write_json(run_path, {**key, "selection": dict(selection or {})})
     done: dict[str, dict] = {}
+    n_failed = 0
     if rows_path.is_file():
         rows = read_jsonl(rows_path)
         # Failed rows (unreadable audio) are retried: the file may have been fixed meanwhile.
         done = {r["id"]: r for r in rows if "id" in r and not r.get("failed")}
+        n_failed = len({r["id"] for r in rows if "id" in r and r.get("failed")} - set(done))
         # Rewrite without torn lines so that appending continues on a clean line.
         atomic_write_text(rows_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()))
-    return done
+    return done, n_failed
+
+
+def _skipped_row(utt: Utterance, reference_norm: str) -> dict:
+    return {
+        "id": utt.id,
+        "audio": str(utt.audio),
+        "speaker": utt.speaker,
+        "reference": utt.text,
+        "reference_norm": reference_norm,
+        "ref_words": 0,
+        "duration_s": utt.duration_s,
+        "failed": False,
+        "skipped": "empty_reference",
+    }
 
 
 def _failed_row(utt: Utterance, reason: str) -> dict:
@@ -436,6 +546,9 @@ def evaluate(
     bootstrap_n: int = 1000,
     bootstrap_seed: int = 0,
     bootstrap_speakers: bool = False,
+    empty_reference: str = "skip",
+    max_failed_fraction: float | None = None,
+    selection: Mapping | None = None,
 ) -> WerResult:
     """Transcribe and score a speech set; write results as they go; resume an interrupted run.
 
@@ -462,15 +575,53 @@ def evaluate(
         manifest_errors: manifest lines that could not be read, recorded in the summary.
         overwrite: discard existing results in ``out_dir`` instead of resuming.
         bootstrap_n / bootstrap_seed / bootstrap_speakers: the confidence intervals.
+        empty_reference: an utterance whose reference is empty after normalisation is not
+            decoded and not scored (``"skip"``, the default, as the Open ASR leaderboard drops
+            empty references: any hypothesis word would count as an insertion against nothing),
+            scored (``"score"``: its words are insertions), or refused before decoding
+            (``"error"``). A warning names the ids; the policy is recorded in the summary and,
+            when not the default, in the run's key.
+        max_failed_fraction: raise :class:`EvaluationFailedError` when more than this fraction
+            of the utterances failed (``None``: only when none was scored).
+        selection: how the utterances were selected (``limit``, ``sample``, ``seed``,
+            ``include``, ``exclude``), recorded so that a resume refused for other data can name
+            the flag that changed.
 
     Returns:
         :class:`WerResult` with rows in input order.
 
     Raises:
         RunMismatchError: ``out_dir`` holds another run's results (a ValueError).
-        ValueError: duplicate utterance ids, or options the model cannot honour.
+        EvaluationFailedError: no utterance was scored, or too many failed (``summary.json`` is
+            written first, with ``wer`` null).
+        OutputBusyError: another process writes into ``out_dir``.
+        NotADirectoryError: ``out_dir`` is a file.
+        ValueError: duplicate utterance ids, an empty reference under ``"error"``, or options
+            the model cannot honour.
     """
-    options = options or DecodeOptions()
+    if empty_reference not in EMPTY_REFERENCE_POLICIES:
+        raise ValueError(f"empty_reference must be one of {list(EMPTY_REFERENCE_POLICIES)}, got {empty_reference!r}")
+    if max_failed_fraction is not None and not 0.0 <= float(max_failed_fraction) < 1.0:
+        raise ValueError(f"max_failed_fraction must be in [0, 1), got {max_failed_fraction!r}")
+    out_path = prepare_out_dir(out_dir) if out_dir is not None else None
+    with OutputLock(out_path) if out_path is not None else contextlib.nullcontext():
+        return _evaluate(
+            model, processor, utterances, options or DecodeOptions(), out_path=out_path, progress=progress,
+            encoder_cache=encoder_cache, normalizer=normalizer, normalizer_name=normalizer_name,
+            model_spec=model_spec, data_name=data_name, data_fp=data_fp, manifest_errors=manifest_errors,
+            overwrite=overwrite, bootstrap_n=bootstrap_n, bootstrap_seed=bootstrap_seed,
+            bootstrap_speakers=bootstrap_speakers, empty_reference=empty_reference,
+            max_failed_fraction=max_failed_fraction, selection=selection,
+        )
+
+
+def _evaluate(model, processor, utterances, options: DecodeOptions, *, out_path: Path | None, progress: bool,
+              encoder_cache: EncoderCache | None, normalizer: Callable[[str], str] | None,
+              normalizer_name: str | None, model_spec: str | None, data_name: str | None, data_fp: str | None,
+              manifest_errors: Sequence, overwrite: bool, bootstrap_n: int, bootstrap_seed: int,
+              bootstrap_speakers: bool, empty_reference: str, max_failed_fraction: float | None,
+              selection: Mapping | None) -> WerResult:
+    """:func:`evaluate` with the output folder locked."""
     if hasattr(utterances, "utterances"):
         data_name = data_name or getattr(utterances, "name", None)
         manifest_errors = list(manifest_errors) or list(getattr(utterances, "errors", []) or [])
@@ -502,15 +653,36 @@ def evaluate(
         model.to(options.torch_dtype)
     model.eval()
 
+    # empty references, named before anything is decoded
+    empty_refs = {u.id: " ".join(normalizer(u.text or "").split()) for u in utterances}
+    empty_refs = {i: r for i, r in empty_refs.items() if not r}
+    if empty_refs:
+        shown = ", ".join(list(empty_refs)[:10]) + (", ..." if len(empty_refs) > 10 else "")
+        what = {"skip": "not decoded and not scored", "score": "scored: every hypothesis word is an insertion",
+                "error": "refused"}[empty_reference]
+        message = (f"{len(empty_refs)} of {len(utterances)} utterances have an empty reference after "
+                   f"normalisation ({shown}); --empty-reference {empty_reference}: {what}")
+        if empty_reference == "error":
+            raise ValueError(message + "; choose --empty-reference skip or score, or fix the references")
+        log.warning("%s", message)
+
     model_fp = model_fingerprint(model)
     data_fp = data_fp or data_fingerprint(utterances)
-    key = _run_key(model_fp, data_fp, options, normalizer_name)
-    out_path = Path(out_dir) if out_dir is not None else None
-    done: dict[str, dict] = _prepare_out_dir(out_path, key, overwrite) if out_path else {}
-    if done:
-        log.info("resuming: %d of %d utterances already done", len(set(done) & set(ids)), len(ids))
+    key = _run_key(model_fp, data_fp, options, normalizer_name, empty_reference)
+    done: dict[str, dict] = {}
+    if out_path is not None:
+        done, n_retry = _prepare_out_dir(out_path, key, overwrite, selection)
+        n_done = len(set(done) & set(ids))
+        if done or n_retry:
+            log.warning("resuming %s: %d of %d utterances already done, %d to decode%s", out_path, n_done, len(ids),
+                        len(ids) - n_done, f" ({n_retry} that failed before are tried again)" if n_retry else "")
 
     todo = [u for u in utterances if u.id not in done]
+    if empty_reference == "skip":
+        skipped = [_skipped_row(u, "") for u in todo if u.id in empty_refs]
+        todo = [u for u in todo if u.id not in empty_refs]
+    else:
+        skipped = []
     decoder = Decoder(model, processor, options, encoder_cache)
     window_s = decoder.window_samples / SAMPLING_RATE
     # Longest first: similar lengths decode for similar numbers of steps in one batch. Those the
@@ -534,6 +706,11 @@ def evaluate(
         if out_path is not None:
             append_jsonl(out_path / UTTERANCES_FILE, rows)
         bar.update(len(rows))
+
+    if skipped:
+        new_rows.extend(skipped)
+        if out_path is not None:
+            append_jsonl(out_path / UTTERANCES_FILE, skipped)
 
     def score_batch(batch: list[Utterance], audios: list[np.ndarray], long_form: bool) -> list[dict]:
         with torch.inference_mode():
@@ -593,8 +770,11 @@ def evaluate(
     by_id = {**done, **{r["id"]: r for r in new_rows}}
     rows = [by_id[i] for i in ids if i in by_id]
     stats = _summarize(rows, bootstrap_n=bootstrap_n, bootstrap_seed=bootstrap_seed,
-                       bootstrap_speakers=bootstrap_speakers)
+                       bootstrap_speakers=bootstrap_speakers, empty_reference=empty_reference)
+    error = _failure(stats, len(rows), max_failed_fraction)
     summary = {
+        "status": "failed" if error else "ok",
+        "error": error,
         **{k: stats[k] for k in ("wer", "cer", "wer_ci", "cer_ci", "n_utterances", "n_failed")},
         "n_total": len(rows),
         "n_manifest_errors": len(manifest_errors),
@@ -624,13 +804,15 @@ def evaluate(
         "n_hallucination": stats["n_hallucination"],
         "hallucination_ids": stats["hallucination_ids"],
         "n_empty_reference": stats["n_empty_reference"],
+        "empty_reference": stats["empty_reference"],
+        "max_failed_fraction": max_failed_fraction,
         "failures": stats["failures"],
         "manifest_errors": [str(e) for e in manifest_errors][:200],
         "throughput": {
             "audio_seconds": round(audio_seconds, 3),
             "wall_seconds": round(wall, 3),
             "audio_seconds_per_second": round(audio_seconds / wall, 3) if wall > 0 and audio_seconds else None,
-            "decoded_this_run": len(new_rows),
+            "decoded_this_run": len(new_rows) - len(skipped),
             "resumed_rows": len(set(done) & set(ids)),
             "encoder_calls": decoder.encoder_calls,
         },
@@ -643,6 +825,29 @@ def evaluate(
     }
     if out_path is not None:
         atomic_write_json(out_path / SUMMARY_FILE, summary)
-    log.info("WER %.4f over %d utterances (%d failed)", summary["wer"] or math.nan, summary["n_utterances"],
-             summary["n_failed"])
+    if error:
+        where = f" (summary.json in {out_path} records wer null)" if out_path is not None else ""
+        raise EvaluationFailedError(error + where)
+    log.info("WER %.4f over %d utterances (%d failed)", summary["wer"] if summary["wer"] is not None else math.nan,
+             summary["n_utterances"], summary["n_failed"])
     return _result_from(summary, rows, out_path)
+
+
+def _failure(stats: Mapping, n_total: int, max_failed_fraction: float | None) -> str | None:
+    """Why a run has no WER to report (nothing scored, too many failures), or None."""
+    n_failed = stats["n_failed"]
+    reasons: dict[str, int] = {}
+    for f in stats["failures"]:
+        reasons[str(f.get("reason"))] = reasons.get(str(f.get("reason")), 0) + 1
+    why = "; ".join(f"{n} x {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:5])
+    examples = ", ".join(f["id"] for f in stats["failures"][:5])
+    if stats["wer"] is None:
+        if n_failed:
+            return (f"no utterance was scored: {n_failed} of {n_total} failed ({why}; e.g. {examples}), "
+                    f"{stats['n_empty_reference']} had an empty reference")
+        return (f"no utterance was scored: all {n_total} have an empty reference after normalisation "
+                "(--empty-reference score scores them as insertions)")
+    if max_failed_fraction is not None and n_total and n_failed / n_total > max_failed_fraction:
+        return (f"{n_failed} of {n_total} utterances failed ({100 * n_failed / n_total:.1f}% > "
+                f"--max-failed-fraction {max_failed_fraction:g}): {why}; e.g. {examples}")
+    return None

@@ -34,7 +34,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .files import atomic_write_text, env_stamp
+from .files import apply_umask, atomic_write_text, env_stamp
 from .models import model_fingerprint, resolve_model_dir
 
 log = logging.getLogger(__name__)
@@ -178,6 +178,7 @@ def save_pruned(
     if source_fingerprint is None:
         log.warning("save_pruned: no source_fingerprint given; pruning.json records null")
     atomic_write_text(out / PRUNING_FILENAME, json.dumps(info, indent=2, default=_json_default) + "\n")
+    apply_umask(out)
     log.info("saved pruned model to %s (%.2f%% zeros of %d parameters)", out,
              100 * info["saved_sparsity"]["sparsity"], n_params)
     return out
@@ -269,6 +270,7 @@ def save_compressed(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(out_tensors, str(path), metadata=header)
+    apply_umask(path)
     size = path.stat().st_size
     log.info("wrote %s: %d tensors (%d bitmask), %.1f MB vs %.1f MB dense", path, len(entries),
              sum(e["encoding"] == "bitmask" for e in entries.values()), size / 1e6,
@@ -424,7 +426,7 @@ def decompress_to_pretrained(
     for item in sorted(src.iterdir()):
         if item.is_file() and not _is_weight_file(item) and not (out / item.name).exists():
             shutil.copy2(item, out / item.name)
-    return out
+    return apply_umask(out)
 
 
 def is_compressed_dir(path: str | os.PathLike) -> bool:
@@ -485,6 +487,7 @@ def export_ctranslate2(
             shutil.copy2(src / PRUNING_FILENAME, staged / PRUNING_FILENAME)
         if not (staged / "preprocessor_config.json").is_file():
             _write_preprocessor_config(src, staged)
+        apply_umask(staged)
         if out.exists():
             shutil.rmtree(out)
         shutil.move(str(staged), str(out))
@@ -601,7 +604,7 @@ def _check_no_prune_hooks(model: torch.nn.Module) -> None:
 def _check_out_dir(out: Path, overwrite: bool, *, create: bool = False) -> None:
     """Refuse a file or a non-empty folder (unless ``overwrite``); ``create`` makes the folder."""
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output path {out} exists and is not a directory")
+        raise NotADirectoryError(f"--out {out} exists and is not a directory; give a directory (new or existing)")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"output directory {out} is not empty; choose another --out or "
                               "pass overwrite=True (--overwrite)")

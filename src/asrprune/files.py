@@ -43,6 +43,7 @@ __all__ = [
     "OutputBusyError",
     "OutputLock",
     "append_jsonl",
+    "apply_umask",
     "atomic_write_json",
     "atomic_write_text",
     "canonical_json",
@@ -133,6 +134,30 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None =
     return atomic_write_text(path, json.dumps(obj, indent=indent, default=str, ensure_ascii=False) + "\n")
 
 
+def umask() -> int:
+    """The process's file-mode creation mask (read without changing it for good)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | os.PathLike) -> Path:
+    """Give ``path`` (and, for a folder, everything under it) the modes an ordinary ``open`` and
+    ``mkdir`` would: ``0o666`` / ``0o777`` less the umask.
+
+    safetensors writes weights with mode 0600 and ``tempfile.mkdtemp`` makes folders 0700, which
+    leaves a shared results folder unreadable to colleagues; every writer of weights calls this.
+    """
+    path = Path(path)
+    mask = umask()
+    items = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for item in items:
+        if item.is_symlink():
+            continue
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
+    return path
+
+
 def read_json(path: str | os.PathLike, default: Any = None) -> Any:
     """The JSON content of ``path``; ``default`` when the file is missing or not valid JSON
     (the second case is logged, naming the file)."""
@@ -146,8 +171,8 @@ def read_json(path: str | os.PathLike, default: Any = None) -> Any:
         return default
 
 
-def prepare_out_dir(path: str | os.PathLike, *, flag: str = "--out") -> Path:
-    """Create an output folder, or say clearly why it cannot be one.
+def prepare_out_dir(path: str | os.PathLike, *, flag: str = "--out", create: bool = True) -> Path:
+    """Create an output folder (``create``), or say clearly why it cannot be one.
 
     Raises:
         NotADirectoryError: ``path`` exists and is not a folder (the message names the flag).
@@ -157,7 +182,8 @@ def prepare_out_dir(path: str | os.PathLike, *, flag: str = "--out") -> Path:
         raise NotADirectoryError(
             f"{flag} {path} exists and is not a directory; give a directory (new or existing)"
         )
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 

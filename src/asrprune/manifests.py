@@ -26,6 +26,7 @@ calibration/evaluation overlap guard are in :mod:`asrprune.overlap`.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
 import fnmatch
@@ -187,6 +188,7 @@ def read_speech_set(
     split: str | None = None,
     layout: str | None = None,
     probe_durations: bool = True,
+    encoding: str = "utf-8",
 ) -> SpeechSet:
     """Read a speech set from a manifest, a CSV/TSV, a corpus folder or a Hugging Face dataset.
 
@@ -212,6 +214,9 @@ def read_speech_set(
         streaming: stream a hub dataset instead of downloading it.
         split: same as ``hf_split`` (wins when given).
         layout: force a layout (a key of :data:`LAYOUTS`) instead of detecting it.
+        encoding: the text encoding of manifests, transcripts and metadata files (``utf-8``,
+            with or without a byte-order mark, by default); a line that does not decode is
+            recorded as a :class:`ManifestError` of that file and line and skipped.
         probe_durations: read missing durations from the selected files' headers.
 
     Returns:
@@ -232,6 +237,10 @@ def read_speech_set(
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise ValueError(f"unknown text encoding {encoding!r} (--encoding); e.g. utf-8, latin-1, cp1252") from None
     include_patterns = _patterns(include, "include")
     exclude_patterns = _patterns(exclude, "exclude")
 
@@ -247,7 +256,7 @@ def read_speech_set(
         if not path.exists():
             raise FileNotFoundError(f"speech set not found: {path} (no such file or folder)")
         found, target = (layout, path) if layout is not None else _detect_layout(path, split)
-        speech_set = _READERS[found](target, split)
+        speech_set = _READERS[found](target, split, encoding)
         speech_set.layout = found
     _log_errors(speech_set.errors)
 
@@ -464,12 +473,40 @@ class _Collector:
 _JSONL_KNOWN = {"id", "audio", "text", "duration_s", "speaker", "start_s", "end_s", "source"}
 
 
-def _table_rows(reader, header: list[str], path: Path, out: _Collector) -> Iterator[tuple[int, dict[str, str]]]:
-    """``(line number, {column: cell})`` of a CSV/TSV reader; blank rows are skipped and rows with
-    another number of columns than the header are recorded as errors."""
+def _codec(encoding: str) -> str:
+    """UTF-8 files may start with a byte-order mark: read them as ``utf-8-sig``."""
+    return "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+
+
+def _open_text(path: Path, encoding: str, newline: str | None = None):
+    """A text file in ``encoding``; undecodable bytes survive as surrogates so that the line
+    holding them can be named and skipped (:func:`_undecodable`) while the rest is read."""
+    return open(path, encoding=_codec(encoding), errors="surrogateescape", newline=newline)
+
+
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+def _undecodable(out: _Collector, path: Path, lineno: int, text: str, encoding: str) -> bool:
+    """Record a line that is not ``encoding`` text as an error of that line; True when it is."""
+    m = _SURROGATE.search(text)
+    if m is None:
+        return False
+    byte = ord(m.group()) - 0xDC00
+    out.error(path, lineno, f"not {encoding} text (byte 0x{byte:02x} at column {m.start() + 1}); "
+                            "declare the file's encoding (CLI: --encoding)")
+    return True
+
+
+def _table_rows(reader, header: list[str], path: Path, out: _Collector,
+                encoding: str = "utf-8") -> Iterator[tuple[int, dict[str, str]]]:
+    """``(line number, {column: cell})`` of a CSV/TSV reader; blank rows are skipped, and rows with
+    another number of columns than the header or with undecodable bytes are recorded as errors."""
     for row in reader:
         lineno = reader.line_num
         if not row or all(not cell.strip() for cell in row):
+            continue
+        if _undecodable(out, path, lineno, "\t".join(row), encoding):
             continue
         if len(row) != len(header):
             out.error(path, lineno, f"has {len(row)} columns, the header has {len(header)}")
@@ -477,14 +514,14 @@ def _table_rows(reader, header: list[str], path: Path, out: _Collector) -> Itera
         yield lineno, dict(zip(header, row))
 
 
-def _read_jsonl(path: Path, split: str = "") -> SpeechSet:
+def _read_jsonl(path: Path, split: str = "", encoding: str = "utf-8") -> SpeechSet:
     if path.is_dir():
         path = path / "manifest.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
     base = path.parent.resolve()
     out = _Collector()
-    for lineno, row, why in iter_json_lines(path):
+    for lineno, row, why in iter_json_lines(path, encoding=encoding):
         if why is not None:
             out.error(path, lineno, why)
             continue
@@ -535,11 +572,11 @@ _PATH_COLUMNS = ("path", "audio", "audio_filepath", "file", "wav")
 _TEXT_COLUMNS = ("text", "sentence", "transcript", "transcription")
 
 
-def _read_csv(path: Path, split: str = "") -> SpeechSet:
+def _read_csv(path: Path, split: str = "", encoding: str = "utf-8") -> SpeechSet:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     base = path.parent.resolve()
     out = _Collector()
-    with open(path, encoding="utf-8-sig", newline="") as handle:
+    with _open_text(path, encoding, newline="") as handle:
         # TSV: no quoting, as Common Voice writes it (texts contain bare quotes).
         reader = csv.reader(handle, delimiter=delimiter,
                             quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
@@ -555,7 +592,7 @@ def _read_csv(path: Path, split: str = "") -> SpeechSet:
                 f"and a text column (one of {', '.join(_TEXT_COLUMNS)}); its first row is "
                 f"{delimiter.join(header)!r}"
             )
-        for lineno, values in _table_rows(reader, header, path, out):
+        for lineno, values in _table_rows(reader, header, path, out, encoding):
             audio = values[path_col].strip()
             if not audio:
                 out.error(path, lineno, f"empty {path_col}")
@@ -581,7 +618,7 @@ def _read_csv(path: Path, split: str = "") -> SpeechSet:
     return SpeechSet(path.stem, out.utterances, str(path), out.errors)
 
 
-def _read_librispeech(path: Path, split: str) -> SpeechSet:
+def _read_librispeech(path: Path, split: str, encoding: str = "utf-8") -> SpeechSet:
     if path.is_file():
         files = [path]
         root = path.parent
@@ -610,10 +647,10 @@ def _read_librispeech(path: Path, split: str) -> SpeechSet:
                 root = path / splits[0]
     out = _Collector()
     for trans in files:
-        with open(trans, encoding="utf-8") as handle:
+        with _open_text(trans, encoding) as handle:
             for lineno, line in enumerate(handle, start=1):
                 line = line.strip()
-                if not line:
+                if not line or _undecodable(out, trans, lineno, line, encoding):
                     continue
                 utt_id, _, text = line.partition(" ")
                 audio = trans.parent / f"{utt_id}.flac"
@@ -633,7 +670,7 @@ def _read_librispeech(path: Path, split: str) -> SpeechSet:
     return SpeechSet(name, out.utterances, str(path), out.errors)
 
 
-def _read_commonvoice(path: Path, split: str) -> SpeechSet:
+def _read_commonvoice(path: Path, split: str, encoding: str = "utf-8") -> SpeechSet:
     if path.is_file():
         tsv, folder = path, path.parent
     else:
@@ -648,14 +685,14 @@ def _read_commonvoice(path: Path, split: str) -> SpeechSet:
     clips = folder / "clips"
     durations = _cv_durations(folder / "clip_durations.tsv")
     out = _Collector()
-    with open(tsv, encoding="utf-8-sig", newline="") as handle:
+    with _open_text(tsv, encoding, newline="") as handle:
         reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
         header = next(reader, None) or []
         if "path" not in header or "sentence" not in header:
             raise ValueError(
                 f"{tsv} needs the Common Voice columns path and sentence; its header is {header!r}"
             )
-        for lineno, values in _table_rows(reader, header, tsv, out):
+        for lineno, values in _table_rows(reader, header, tsv, out, encoding):
             clip = values["path"].strip()
             if not clip:
                 out.error(tsv, lineno, "empty path")
@@ -713,7 +750,7 @@ def _centis(seconds: float) -> int:
     return int(math.floor(seconds * 100 + 0.5 + 1e-9))
 
 
-def _read_tedlium(path: Path, split: str) -> SpeechSet:
+def _read_tedlium(path: Path, split: str, encoding: str = "utf-8") -> SpeechSet:
     if path.is_file():
         stm_files, root = [path], path.parent.parent
     else:
@@ -723,10 +760,10 @@ def _read_tedlium(path: Path, split: str) -> SpeechSet:
     n_ignored = 0
     for stm in stm_files:
         sph = root / "sph" / f"{stm.stem}.sph"
-        with open(stm, encoding="utf-8") as handle:
+        with _open_text(stm, encoding) as handle:
             for lineno, line in enumerate(handle, start=1):
                 line = line.strip()
-                if not line or line.startswith(";;"):
+                if not line or line.startswith(";;") or _undecodable(out, stm, lineno, line, encoding):
                     continue
                 parts = line.split(maxsplit=5)
                 if len(parts) < 5:
@@ -768,14 +805,14 @@ def _read_tedlium(path: Path, split: str) -> SpeechSet:
     return SpeechSet(name, out.utterances, str(path), out.errors)
 
 
-def _read_ljspeech(path: Path, split: str = "") -> SpeechSet:
+def _read_ljspeech(path: Path, split: str = "", encoding: str = "utf-8") -> SpeechSet:
     folder = path.parent if path.is_file() else path
     metadata = folder / "metadata.csv"
     out = _Collector()
-    with open(metadata, encoding="utf-8") as handle:
+    with _open_text(metadata, encoding) as handle:
         for lineno, line in enumerate(handle, start=1):
             line = line.rstrip("\r\n")
-            if not line:
+            if not line or _undecodable(out, metadata, lineno, line, encoding):
                 continue
             parts = line.split("|")
             if len(parts) < 2:

@@ -21,6 +21,7 @@ import importlib.util
 import json
 import logging
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -60,6 +61,7 @@ __all__ = [
     "load_model",
     "model_fingerprint",
     "module_fingerprint",
+    "pickle_refusal",
     "read_ctranslate2_model",
     "resolve_model_dir",
     "torch_dtype",
@@ -193,13 +195,25 @@ def _conversion_is_current(path: Path) -> bool:
         return False
 
 
-def resolve_model_dir(spec: str | os.PathLike) -> Path | str:
+def pickle_refusal(where: str | os.PathLike) -> str:
+    """Why a pickle checkpoint is not loaded, and how to convert it."""
+    return (
+        f"{where} holds only a pickle checkpoint (pytorch_model.bin), and unpickling a file can run "
+        "any code in it, so asrprune loads safetensors only. Convert it once, where you trust the "
+        "file: python -c \"from transformers import WhisperForConditionalGeneration as M; "
+        f"M.from_pretrained('{where}').save_pretrained('{where}')\" (writes model.safetensors), "
+        "or pass --trust-pickle (trust_pickle: true in a sweep spec) to load it as it is"
+    )
+
+
+def resolve_model_dir(spec: str | os.PathLike, *, trust_pickle: bool = False) -> Path | str:
     """Turn a spec into something ``from_pretrained`` takes: a local directory or a hub id.
 
     Built-ins and CTranslate2 directories are converted once into the cache.
 
     Raises:
-        ModelLoadError: the spec names nothing we can load (the message lists the built-ins).
+        ModelLoadError: the spec names nothing we can load (the message lists the built-ins), or
+            a folder holds only a pickle checkpoint and ``trust_pickle`` is False.
     """
     text = str(spec)
     path = Path(text).expanduser()
@@ -211,9 +225,11 @@ def resolve_model_dir(spec: str | os.PathLike) -> Path | str:
             convert_ctranslate2(files[0].parent, target, parts=builtin.part_paths(), files=files, overwrite=True)
         return target
     if path.is_dir():
-        if (path / "model.safetensors").is_file() or (path / "pytorch_model.bin").is_file() or any(
-            path.glob("model*.safetensors")
-        ):
+        if (path / "model.safetensors").is_file() or any(path.glob("model*.safetensors")):
+            return path
+        if (path / "pytorch_model.bin").is_file() or any(path.glob("pytorch_model*.bin")):
+            if not trust_pickle:
+                raise ModelLoadError(pickle_refusal(path))
             return path
         if (path / "model.bin").is_file() or any(path.glob("model.bin.part*")):
             digest = sha256_files(ctranslate2_source_dir(path))[:16]
@@ -246,6 +262,7 @@ def load_model(
     *,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "float32",
+    trust_pickle: bool = False,
 ):
     """Load a Whisper model and its processor.
 
@@ -254,6 +271,8 @@ def load_model(
         device: torch device for the model.
         dtype: ``float32`` (default; the embedded fp16 weights are cast up exactly), ``float16``
             or ``bfloat16``.
+        trust_pickle: also load pickle checkpoints (``pytorch_model.bin``); by default only
+            safetensors are loaded (``use_safetensors=True``), locally and from the hub.
 
     Returns:
         ``(model, processor)``: a ``WhisperForConditionalGeneration`` in eval mode and a
@@ -265,10 +284,11 @@ def load_model(
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
     dtype_ = torch_dtype(dtype)
-    source = resolve_model_dir(spec)
+    source = resolve_model_dir(spec, trust_pickle=trust_pickle)
 
     def from_pretrained(**kwargs):
-        model = WhisperForConditionalGeneration.from_pretrained(source, dtype=dtype_, **kwargs)
+        model = WhisperForConditionalGeneration.from_pretrained(
+            source, dtype=dtype_, use_safetensors=None if trust_pickle else True, **kwargs)
         return model, WhisperProcessor.from_pretrained(source, **kwargs)
 
     if isinstance(source, Path):
@@ -276,6 +296,9 @@ def load_model(
             model, processor = from_pretrained()
         except OSError as exc:
             raise ModelLoadError(f"{source}: cannot load the model: {exc}") from exc
+        except pickle.UnpicklingError as exc:  # --trust-pickle: torch's weights-only loader refused it
+            raise ModelLoadError(f"{source}: the pickle checkpoint was refused by torch's weights-only "
+                                 f"loader ({str(exc).splitlines()[0]})") from exc
     else:
         try:  # a hub id already in the local Hugging Face cache needs no network
             model, processor = from_pretrained(local_files_only=True)
@@ -293,6 +316,8 @@ def load_model(
             try:
                 model, processor = from_pretrained()
             except OSError as exc:
+                if "safetensors" in str(exc) and not trust_pickle:
+                    hint = pickle_refusal(source)
                 raise ModelLoadError(f"cannot load {source!r} from the Hugging Face hub: {exc}. {hint}") from exc
     tokenizer = processor.tokenizer
     if getattr(tokenizer, "english_spelling_normalizer", None) is None:

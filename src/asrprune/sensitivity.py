@@ -44,6 +44,7 @@ every step resumes from these. The heatmaps are drawn from ``sensitivity.json`` 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -76,10 +77,10 @@ from .config import DIAGNOSTICS, check_sparsity
 from .damage import measure_ablation, predict_loss_curve, target_key
 from .decoding import DecodeOptions, EncoderCache
 from .evaluation import evaluate
-from .files import atomic_write_json, env_stamp, jsonable
+from .files import OutputLock, apply_umask, atomic_write_json, env_stamp, jsonable, prepare_out_dir
 from .manifests import Utterance
 from .models import model_fingerprint
-from .overlap import check_disjoint
+from .overlap import Overlap, check_disjoint
 from .stats import spearman_with_ci
 
 log = logging.getLogger(__name__)
@@ -311,7 +312,7 @@ class GradientStats:
                 tensors[f"{prefix}/{k}"] = v.detach().contiguous().cpu()
         tmp = path.with_suffix(path.suffix + ".tmp")
         save_file(tensors, str(tmp))
-        os.replace(tmp, path)
+        os.replace(apply_umask(tmp), path)
         info = {"n": self.n, "ids": self.ids, "losses": self.losses, "wall_s": self.wall_s, **(dict(meta or {}))}
         atomic_write_json(Path(str(path) + ".json"), info, indent=None)
 
@@ -697,9 +698,36 @@ def score_sensitivity(
     Raises:
         manifests.OverlapError: calibration and evaluation share utterances.
         ResumeMismatchError: ``out_dir`` holds results for other inputs (and not ``restart``).
+        OutputBusyError: another process writes into ``out_dir`` (one writer per folder).
+        NotADirectoryError: ``out_dir`` is a file.
         components.SelectorError: an option's target or group selects nothing.
         ValueError: empty calibration set, bad options.
     """
+    # the overlap guard first: nothing is created or computed for a calibration set that is test data
+    overlap = check_disjoint(utterances, evaluation, allow_overlap=allow_overlap) if evaluation is not None else None
+    out = prepare_out_dir(out_dir) if out_dir is not None else None
+    with OutputLock(out) if out is not None else contextlib.nullcontext():
+        return _score_sensitivity(model, processor, utterances, labels=labels, options=options, out_dir=out,
+                                  evaluation=evaluation, overlap=overlap, decode=decode,
+                                  data_info=data_info, restart=restart, progress=progress)
+
+
+def _score_sensitivity(
+    model,
+    processor,
+    utterances: Sequence,
+    *,
+    labels: str | None,
+    options: SensitivityOptions | None,
+    out_dir: Path | None,
+    evaluation: Sequence | None,
+    overlap: Overlap | None,
+    decode: DecodeOptions | None,
+    data_info: Mapping | None,
+    restart: bool,
+    progress: bool,
+) -> SensitivityResult:
+    """:func:`score_sensitivity` with the output folder locked."""
     options = options or SensitivityOptions()
     if labels is not None and labels != options.labels.labels:
         options = dataclasses.replace(options, labels=dataclasses.replace(options.labels, labels=labels))
@@ -707,9 +735,6 @@ def score_sensitivity(
     if not utterances:
         raise ValueError("the calibration set is empty")
     timings: dict[str, float] = {}
-    overlap = None
-    if evaluation is not None:
-        overlap = check_disjoint(utterances, evaluation, allow_overlap=allow_overlap)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

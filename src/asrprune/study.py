@@ -326,6 +326,9 @@ class StudySpec:
         allow_overlap: let calibration overlap evaluation (recorded; not recommended).
         retry_failed: rerun runs that failed before.
         encoder_cache: ``memory``, ``disk`` or ``off`` (see :class:`~asrprune.sweep.SweepSpec`).
+        empty_reference, max_failed_fraction: how evaluation treats empty references and when
+            too many failed utterances fail a run (:func:`asrprune.evaluation.evaluate`).
+        trust_pickle: also load a pickle checkpoint (``pytorch_model.bin``).
     """
 
     model: str
@@ -345,6 +348,9 @@ class StudySpec:
     allow_overlap: bool = False
     retry_failed: bool = False
     encoder_cache: str = "memory"
+    empty_reference: str = "skip"
+    max_failed_fraction: float | None = None
+    trust_pickle: bool = False
 
     def __post_init__(self) -> None:
         data = tuple(DataSpec.from_obj(d) for d in (self.data if not isinstance(self.data, (str, DataSpec)) else [self.data]))
@@ -397,6 +403,9 @@ class StudySpec:
             seed=self.seed,
             encoder_cache=self.encoder_cache,
             name="reproduce",
+            empty_reference=self.empty_reference,
+            max_failed_fraction=self.max_failed_fraction,
+            trust_pickle=self.trust_pickle,
         )
 
 
@@ -418,7 +427,8 @@ class _Study:
 
     def model(self):
         """The unpruned model (weights restored)."""
-        return self.runner.model(self.spec.model, device=self.device, dtype=self.dtype)
+        return self.runner.model(self.spec.model, device=self.device, dtype=self.dtype,
+                                 trust_pickle=self.spec.trust_pickle)
 
     def stage(self, name: str, fn: Callable[[], Any]) -> Any:
         """Run one stage; a failure is recorded in ``study.json`` and the study goes on."""

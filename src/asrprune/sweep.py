@@ -63,7 +63,7 @@ from tqdm.auto import tqdm
 
 from .config import PROTOCOLS, SCOPES, PlanEntry, PrunePlan, check_keys, check_sparsity, load_yaml
 from .decoding import DecodeOptions, DiskEncoderCache, EncoderCache
-from .evaluation import compare, evaluate
+from .evaluation import EMPTY_REFERENCE_POLICIES, compare, evaluate
 from .files import (
     OutputBusyError,
     OutputLock,
@@ -156,8 +156,9 @@ class DataSpec:
     limit: int | None = None
     sample: int | None = None
     seed: int | None = None
+    encoding: str | None = None  # of the manifest's text (None: utf-8)
 
-    FIELDS = ("source", "name", "include", "exclude", "limit", "sample", "seed")
+    FIELDS = ("source", "name", "include", "exclude", "limit", "sample", "seed", "encoding")
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source:
@@ -336,10 +337,14 @@ class SweepSpec:
     seed: int = 0
     encoder_cache: str = "memory"
     name: str = "sweep"
+    empty_reference: str = "skip"
+    max_failed_fraction: float | None = None
+    trust_pickle: bool = False
 
     YAML_KEYS = (
         "name", "models", "data", "plans", "selectors", "sparsities", "scope", "protocols",
         "baseline_protocols", "baseline", "decode", "limit", "sample", "seed", "encoder_cache",
+        "empty_reference", "max_failed_fraction", "trust_pickle",
     )  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -385,6 +390,14 @@ class SweepSpec:
                 f"sweep: encoder_cache {self.encoder_cache!r} unknown; "
                 f"allowed: {', '.join(ENCODER_CACHE_MODES)}"
             )
+        if self.empty_reference not in EMPTY_REFERENCE_POLICIES:
+            raise SweepSpecError(f"sweep: empty_reference {self.empty_reference!r} unknown; allowed: "
+                                 f"{', '.join(EMPTY_REFERENCE_POLICIES)}")
+        if self.max_failed_fraction is not None and not (
+                isinstance(self.max_failed_fraction, (int, float)) and 0 <= self.max_failed_fraction < 1):
+            raise SweepSpecError(f"sweep: max_failed_fraction must be in [0, 1), got {self.max_failed_fraction!r}")
+        if not isinstance(self.trust_pickle, bool):
+            raise SweepSpecError(f"sweep: trust_pickle must be true or false, got {self.trust_pickle!r}")
         if not isinstance(self.decode, Mapping):
             raise SweepSpecError("sweep: 'decode' must be a mapping of decoding options")
         if "protocol" in self.decode:
@@ -473,7 +486,8 @@ class SweepSpec:
             baseline_protocols=None if bp is None else tuple(_as_tuple(bp, "sweep.baseline_protocols")),
             decode=dict(obj.get("decode") or {}),
         )
-        for key in ("scope", "baseline", "limit", "sample", "seed", "encoder_cache", "name"):
+        for key in ("scope", "baseline", "limit", "sample", "seed", "encoder_cache", "name", "empty_reference",
+                    "max_failed_fraction", "trust_pickle"):
             if key in obj and obj[key] is not None:
                 kwargs[key] = obj[key]
         if "baseline" in kwargs and not isinstance(kwargs["baseline"], bool):
@@ -521,6 +535,9 @@ class SweepSpec:
             "sample": self.sample,
             "seed": self.seed,
             "encoder_cache": self.encoder_cache,
+            "empty_reference": self.empty_reference,
+            "max_failed_fraction": self.max_failed_fraction,
+            "trust_pickle": self.trust_pickle,
         }
         return out
 
@@ -617,6 +634,8 @@ def expand_runs(spec: SweepSpec, data_keys: Mapping[DataSpec, str]) -> list[RunS
                     options = dataclasses.asdict(opts)
                     # Hash only what can change a transcript (batch size and workers cannot).
                     key_opts = opts.run_key()
+                    if spec.empty_reference != "skip":  # the default stays out: older ids stay valid
+                        key_opts = {**key_opts, "empty_reference": spec.empty_reference}
                     h, _ = compute_run_id(model, variant.plan_dict(), dkey, protocol, key_opts)
                     bh, _ = compute_run_id(model, None, dkey, protocol, key_opts)
                     rid = f"{mname}__{slug(variant.name, 60)}__{d.display_name}__{protocol}__{h}"
@@ -748,7 +767,7 @@ class SweepRunner:
 
     # -- models --------------------------------------------------------------------------------
 
-    def model(self, spec: str, *, device: str = "cpu", dtype: str = "float32") -> _ModelSlot:
+    def model(self, spec: str, *, device: str = "cpu", dtype: str = "float32", trust_pickle: bool = False) -> _ModelSlot:
         """The unpruned model for ``spec`` (loaded on first use, weights restored)."""
         key = (spec, str(device), str(dtype))
         if key in self._load_errors:
@@ -758,7 +777,7 @@ class SweepRunner:
             self._release()
             log.info("loading model %s (%s, %s)", spec, device, dtype)
             try:
-                model, processor = load_model(spec, device=device, dtype=dtype)
+                model, processor = load_model(spec, device=device, dtype=dtype, trust_pickle=trust_pickle)
             except Exception as exc:
                 self._load_errors[key] = exc
                 raise
@@ -885,7 +904,8 @@ class SweepRunner:
         calls_before, windows_before = self.encoder_calls, self.encoder_windows
         try:
             options = decode_options(run.protocol, {k: x for k, x in run.options.items() if k != "protocol"})
-            slot = self.model(run.model, device=str(options.resolved_device()), dtype=options.dtype)
+            slot = self.model(run.model, device=str(options.resolved_device()), dtype=options.dtype,
+                              trust_pickle=spec.trust_pickle)
             row["model_fingerprint"] = slot.fingerprint
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(run_dir / RUN_SPEC_FILE, {k: row[k] for k in row if k not in ("status", "error", "traceback")})
@@ -908,6 +928,8 @@ class SweepRunner:
                 encoder_cache=cache,
                 model_spec=run.model,
                 data_name=run.data.display_name,
+                empty_reference=spec.empty_reference,
+                max_failed_fraction=spec.max_failed_fraction,
             )
             row["summary"] = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
             row["encoder_cache_hits"] = None if cache is None else _cache_hits(cache) - hits_before
@@ -959,7 +981,8 @@ def _read_data(d: DataSpec, spec: SweepSpec) -> SpeechSet:
     limit = d.limit if d.limit is not None else spec.limit
     sample = d.sample if d.sample is not None else spec.sample
     seed = d.seed if d.seed is not None else spec.seed
-    ss = read_speech_set(d.source, limit=limit, sample=sample, seed=seed, include=d.include, exclude=d.exclude)
+    ss = read_speech_set(d.source, limit=limit, sample=sample, seed=seed, include=d.include, exclude=d.exclude,
+                         encoding=d.encoding or "utf-8")
     if not ss.utterances:
         raise SweepSpecError(f"data {d.source}: no utterances selected (include={d.include!r}, limit={limit})")
     if ss.errors:
