@@ -328,6 +328,22 @@ def _test_clean(shared_data):
     return audios
 
 
+def _greedy_torch_and_ct2(model, processor, ct2_dir, audios) -> tuple[list[list[int]], list[list[int]]]:
+    """Greedy text tokens of the torch model and of its CTranslate2 export on the same features."""
+    import ctranslate2
+
+    features = processor.feature_extractor(audios, sampling_rate=16000, return_tensors="pt").input_features
+    tok = processor.tokenizer
+    with torch.no_grad():
+        generated = model.generate(features, num_beams=1, do_sample=False, return_timestamps=False)
+    special = set(tok.all_special_ids)
+    torch_ids = [[t for t in seq.tolist() if t not in special] for seq in generated]
+    ct2 = ctranslate2.models.Whisper(str(ct2_dir), device="cpu", compute_type="float32")
+    prompt = tok.convert_tokens_to_ids(["<|startoftranscript|>", "<|notimestamps|>"])
+    results = ct2.generate(ctranslate2.StorageView.from_array(features.numpy()), [prompt] * len(audios), beam_size=1)
+    return torch_ids, [[t for t in r.sequences_ids[0] if t not in special] for r in results]
+
+
 @pytest.fixture(scope="module")
 def pruned_tiny_en(tmp_path_factory):
     """tiny.en with decoder self-attention pruned to 50%, saved and exported to CTranslate2."""
@@ -345,26 +361,14 @@ def pruned_tiny_en(tmp_path_factory):
 
 @pytest.mark.integration
 def test_ctranslate2_export_gives_torch_greedy_transcripts(pruned_tiny_en, shared_data):
-    import ctranslate2
     from faster_whisper import WhisperModel
 
     model, processor, pruned_dir, ct2_dir = pruned_tiny_en
     assert {"model.bin", "tokenizer.json", "preprocessor_config.json", PRUNING_FILENAME} <= {
         p.name for p in ct2_dir.iterdir()}
     audios = _test_clean(shared_data)
-    features = processor.feature_extractor(audios, sampling_rate=16000, return_tensors="pt").input_features
-    tok = processor.tokenizer
-
-    with torch.no_grad():
-        generated = model.generate(features, num_beams=1, do_sample=False, return_timestamps=False)
-    special = set(tok.all_special_ids)
-    torch_ids = [[t for t in seq.tolist() if t not in special] for seq in generated]
-
-    ct2 = ctranslate2.models.Whisper(str(ct2_dir), device="cpu", compute_type="float32")
-    prompt = tok.convert_tokens_to_ids(["<|startoftranscript|>", "<|notimestamps|>"])
-    results = ct2.generate(ctranslate2.StorageView.from_array(features.numpy()), [prompt] * len(audios),
-                           beam_size=1)
-    ct2_ids = [[t for t in r.sequences_ids[0] if t not in special] for r in results]
+    special = set(processor.tokenizer.all_special_ids)
+    torch_ids, ct2_ids = _greedy_torch_and_ct2(model, processor, ct2_dir, audios)
     assert ct2_ids == torch_ids
     assert all(len(ids) > 3 for ids in torch_ids)
 
@@ -496,3 +500,58 @@ def test_cli_prune_and_export_tiny_en(tmp_path, capsys, shared_data):
                  "--bootstrap-n", "50"]) == 0
     summary = json.loads((ev / "summary.json").read_text())
     assert summary["n_utterances"] == 2 and summary["n_failed"] == 0 and 0 <= summary["wer"] < 0.5
+
+
+@pytest.mark.integration
+def test_sparsegpt_pruned_tiny_en_saves_loads_converts_and_refuses_its_calibration(tmp_path, capsys, shared_data):
+    """CLI prune --score sparsegpt on real speech: the directory loads with plain transformers,
+    CTranslate2 greedy tokens equal torch's, and an evaluation on the calibration data is refused."""
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    from asrprune.cli import main
+    from asrprune.models import load_model
+    from asrprune.prune import measure_model
+
+    out = tmp_path / "sgpt"
+    lj = shared_data / "ljspeech" / "manifest.jsonl"
+    assert main(["prune", "tiny.en", "--plan", "all_linear=0.4", "--score", "sparsegpt", "--calibration",
+                 f"{lj}::LJ001-*", "--calibration-limit", "8", "--format", "ctranslate2", "--no-progress",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    info = json.loads((out / PRUNING_FILENAME).read_text())
+    calib = info["pruning"]["calibration"]
+    assert calib["method"] == "sparsegpt" and calib["n_utterances"] == 8 and calib["ids"][0].startswith("LJ001-")
+    assert [u["id"] for u in calib["data"]["utterances"]] == calib["ids"] and calib["data"]["fingerprint"]
+    plain = WhisperForConditionalGeneration.from_pretrained(out)
+    assert plain.proj_out.weight is plain.model.decoder.embed_tokens.weight  # still tied, untouched
+    assert measure_model(plain).linear_weights.sparsity == pytest.approx(0.4, abs=1e-5)
+    ours, _ = load_model(out)
+    assert model_fingerprint(ours) == model_fingerprint(plain)
+
+    processor = WhisperProcessor.from_pretrained(out)
+    torch_ids, ct2_ids = _greedy_torch_and_ct2(plain, processor, out / "ctranslate2", _test_clean(shared_data))
+    assert ct2_ids == torch_ids
+    assert all(len(ids) > 3 for ids in torch_ids)  # it still transcribes
+
+    # the calibration utterances are not test data for this model
+    ev = tmp_path / "ev"
+    assert main(["evaluate", str(out), str(lj), "--include", "LJ001-*", "--limit", "2", "--out", str(ev)]) == 2
+    assert "overlaps the model's calibration data" in capsys.readouterr().err and not ev.exists()
+    assert main(["evaluate", str(out), str(lj), "--include", "LJ001-*", "--limit", "1", "--allow-overlap",
+                 "--out", str(ev)]) == 0
+    summary = json.loads((ev / "summary.json").read_text())
+    assert summary["calibration_overlap"]["count"] == 1 and summary["calibration_overlap"]["allowed"] is True
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--plan", "all_linear=0.4", "--score", "sparsegpt"], "--score sparsegpt needs --calibration"),
+    (["--plan", "all_linear=0.4", "--calibration", "x.jsonl"], "--calibration is for --score wanda or sparsegpt"),
+    (["--plan", "all_linear=0.4", "--score", "sparsegpt", "--mode", "global", "--calibration", "x.jsonl"],
+     "global"),
+])
+def test_cli_prune_method_flags_refused_before_loading(tmp_path, capsys, argv, message):
+    from asrprune.cli import main
+
+    assert main(["prune", "tiny.en", *argv, "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

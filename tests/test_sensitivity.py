@@ -547,3 +547,32 @@ def test_greedy_and_reference_labels_tiny_en(tmp_path, shared_data, tiny_en):
         ["<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"])
     with pytest.raises(ValueError, match="language"):
         calib.prefix_token_ids(multi, tok, language=None)
+
+
+def test_ablation_under_sparsegpt_equals_the_sequential_method_for_one_component(tmp_path):
+    """Sensitivity under the method that will prune: one dense pass of statistics, each component
+    pruned from it, gives the very weights the sequential SparseGPT gives that component alone."""
+    import copy
+
+    from asrprune.calibration import collect_input_stats
+    from asrprune.config import PlanEntry, PrunePlan
+    from asrprune.prune import PruningMethod, prune_model
+
+    model = make_tiny_whisper()
+    examples = make_examples(4)
+    stats = collect_input_stats(model, examples, gram=True, progress=False)
+    method = PruningMethod("sparsegpt", input_stats=stats)
+    targets = ["encoder.layers.1.ffn", "decoder.layers.0.encoder_attn"]
+    res = damage.measure_ablation(model, examples, targets, [0.5], method=method, progress=False)
+    for target, row in zip(targets, res["rows"]):
+        seq = copy.deepcopy(model)
+        prune_model(seq, PrunePlan((PlanEntry(target, 0.5),), score="sparsegpt"), calibration=examples)
+        one = copy.deepcopy(model)
+        method.prune(one, method.plan(target, 0.5))
+        for (name, a), (_, b) in zip(seq.named_parameters(), one.named_parameters()):
+            assert torch.equal(a, b), (target, name)
+        with torch.no_grad():
+            expected = float(np.mean([float(calib.teacher_forced_loss(seq, ex)) for ex in examples]))
+        assert row["loss"] == pytest.approx(expected, rel=1e-5) and row["predicted"] is None
+        assert row["measured_sparsity"] == pytest.approx(0.5)
+    assert not method.can_prune(model, "encoder.conv") and not method.can_prune(model, "decoder.embed_tokens")

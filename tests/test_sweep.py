@@ -511,3 +511,98 @@ def test_sweep_cli_names_a_bad_spec(tmp_path, capsys):
     assert main(["sweep", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "s.yaml" in err and "'sparsity'" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# calibrated plans (wanda, sparsegpt) in a sweep
+# ----------------------------------------------------------------------------------------------
+
+
+def _calibrated_spec(tiny_dir, small_sets, calib, **kw) -> SweepSpec:
+    return _spec(tiny_dir, small_sets["eval"], calibration={"source": str(calib)},
+                 plans=[{"name": "sgpt40", "plan": {"entries": [{"selector": "all_linear", "sparsity": 0.4}],
+                                                    "score": "sparsegpt"}},
+                        {"name": "mag40", "plan": "all_linear=0.4@matrix"}], **kw)
+
+
+def test_sweep_needs_calibration_for_a_calibrated_plan(tiny_dir, small_sets):
+    with pytest.raises(SweepSpecError, match="needs calibration data"):
+        _spec(tiny_dir, small_sets["eval"], plans=[{"name": "w", "plan": {
+            "entries": [{"selector": "all_linear", "sparsity": 0.4}], "score": "wanda"}}])
+    with pytest.raises(SweepSpecError, match="calibration_options: unknown"):
+        _calibrated_spec(tiny_dir, small_sets, small_sets["calib"], calibration_options={"dampening": 0.1})
+
+
+def test_calibrated_run_ids_cover_the_calibration_set_and_options(tiny_dir, small_sets, tmp_path):
+    other = tmp_path / "calib1.jsonl"
+    other.write_text(small_sets["calib"].read_text().splitlines()[0] + "\n")
+    spec = _calibrated_spec(tiny_dir, small_sets, small_sets["calib"])
+    keys = {d: "k" for d in spec.data}
+    ids = {r.variant.name: r.run_id for r in expand_runs(spec, keys, "fp1")}
+    ids2 = {r.variant.name: r.run_id for r in expand_runs(spec, keys, "fp2")}
+    damp = _calibrated_spec(tiny_dir, small_sets, small_sets["calib"], calibration_options={"damp": 0.05})
+    ids3 = {r.variant.name: r.run_id for r in expand_runs(damp, keys, "fp1")}
+    assert ids["sgpt40"] != ids2["sgpt40"] != ids3["sgpt40"] and ids["sgpt40"] != ids3["sgpt40"]
+    # magnitude and baseline ids do not depend on the calibration set (old ids stay valid)
+    plain = _spec(tiny_dir, small_sets["eval"], plans=[{"name": "mag40", "plan": "all_linear=0.4@matrix"}])
+    plain_ids = {r.variant.name: r.run_id for r in expand_runs(plain, keys)}
+    assert ids["mag40"] == ids2["mag40"] == ids3["mag40"] == plain_ids["mag40"]
+    assert ids["baseline"] == plain_ids["baseline"]
+    assert "calibration" not in plain.to_dict()
+
+
+def test_sweep_prunes_with_the_calibration_set_and_refuses_overlap(tiny_dir, small_sets, tmp_path):
+    spec = _calibrated_spec(tiny_dir, small_sets, small_sets["calib"])
+    out = tmp_path / "sw"
+    summary = run_sweep(spec, out, progress=False)
+    assert summary.failed == [] and summary.total == 3
+    rows = latest_rows(read_rows(out / "runs.jsonl"))
+    row = next(r for r in rows.values() if r["variant"] == "sgpt40")
+    assert abs(row["sparsity_linear"] - 0.4) < 1e-3
+    pruning = json.loads((out / row["run_dir"] / "pruning.json").read_text())
+    ids = [json.loads(x)["id"] for x in small_sets["calib"].read_text().splitlines()]
+    assert pruning["calibration"]["ids"] == ids
+    assert [u["id"] for u in pruning["calibration"]["data"]["utterances"]] == ids
+    assert row["pruning"]["calibration"]["method"] == "sparsegpt"
+    # the same sweep from YAML round-trips, and finds everything done
+    again = SweepSpec.from_dict(yaml.safe_load(spec.to_yaml()))
+    assert run_sweep(again, out, progress=False).skipped == summary.ran
+    # evaluation overlapping the calibration set is refused before anything runs
+    bad = _calibrated_spec(tiny_dir, {**small_sets, "eval": small_sets["calib"]}, small_sets["calib"])
+    from asrprune.overlap import OverlapError
+    with pytest.raises(OverlapError, match="allow-overlap"):
+        run_sweep(bad, tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad" / "runs.jsonl").exists()
+
+
+def test_reproduce_methods_preset_on_tiny_random_model(tiny_dir, small_sets, tmp_path):
+    """Every method row: fixed plans, OWL, the authors' rule, the SparseGPT sensitivity and the
+    measured allocation, each at the level, and 2:4; compared with dense and with global."""
+    from asrprune.sensitivity import SensitivityOptions
+
+    out = tmp_path / "methods"
+    opts = SensitivityOptions(labels="greedy", ablation_sparsities=(0.5,), prediction_sparsities=(0.5,),
+                              groups=(), n_bootstrap=20)
+    spec = StudySpec(str(tiny_dir), (str(small_sets["eval"]),), str(small_sets["calib"]), limit=2, preset="methods",
+                     sparsities=(0.5,), decode=DecodeOptions(**DECODE), sensitivity=opts, measured_budget=2,
+                     baseline_protocols=("standard",))
+    res = reproduce(spec, out, progress=False)
+    assert all(s["status"] == "ok" for s in res.stages.values()), res.stages
+    rows = {r["variant"]: r for r in latest_rows(read_rows(out / "runs.jsonl")).values()}
+    assert all(r["status"] == "ok" for r in rows.values()), {k: r.get("error") for k, r in rows.items()}
+    expected = {"baseline", "global@0.5", "uniform@0.5", "authors@0.5", "wanda@0.5", "wanda_owl@0.5", "sparsegpt@0.5",
+                "sparsegpt_measured@0.5", "uniform@2of4", "wanda@2of4", "sparsegpt@2of4",
+                "global@0.4", "uniform@0.4", "allocated@0.4"}
+    assert "paper_digest" not in rows  # the method comparison alone
+    assert expected <= set(rows), expected - set(rows)
+    for name in ("global@0.5", "uniform@0.5", "authors@0.5", "wanda@0.5", "wanda_owl@0.5", "sparsegpt@0.5",
+                 "sparsegpt_measured@0.5", "uniform@2of4", "wanda@2of4", "sparsegpt@2of4"):
+        assert rows[name]["sparsity_linear"] == pytest.approx(0.5, abs=2e-3), name
+    assert rows["sparsegpt_measured@0.5"]["pruning"]["score"] == "sparsegpt"
+    assert rows["wanda_owl@0.5"]["pruning"]["calibration"]["method"] == "wanda"
+    measured = json.loads((out / "plans" / "sparsegpt_measured_50.json").read_text())
+    assert measured["info"]["checks"] == 2
+    assert json.loads((out / "sensitivity_sparsegpt" / "sensitivity.json").read_text())["method"] == "sparsegpt"
+    report = (out / "report.md").read_text()
+    assert "Methods" in report and "vs global magnitude" in report
+    assert (out / "report" / "wer_vs_sparsity_methods.png").is_file()

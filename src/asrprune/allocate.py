@@ -158,6 +158,7 @@ class SensitivityCurves:
     scope: str = "component"
     path: str | None = None
     model: str | None = None
+    score: str = "magnitude"  # the method the damages were measured under (and the plan prunes with)
 
 
 def _check_denominator(name: str) -> None:
@@ -334,6 +335,7 @@ def curves_from_dict(
         components=tuple(curves),
         counts=counts,
         scope=str(data.get("scope", "component")),
+        score=str(data.get("method") or "magnitude"),
         path=path,
         model=data.get("model") if isinstance(data.get("model"), str) else None,
     )
@@ -687,7 +689,7 @@ def allocate_plan(
         len(entries), sp_lin, sp_all, total_damage,
     )
     return Allocation(
-        plan=PrunePlan(entries=tuple(entries)),
+        plan=PrunePlan(entries=tuple(entries), score=curves.score),
         rows=tuple(rows),
         target=target,
         denominator=denominator,

@@ -28,14 +28,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers.modeling_outputs import BaseModelOutput
 
@@ -53,9 +54,14 @@ __all__ = [
     "LOSS_REDUCTIONS",
     "TEXT_FORMS",
     "CalibrationExample",
+    "CalibrationOptions",
+    "InputStats",
     "LabelSpec",
     "build_examples",
+    "collect_input_stats",
     "prefix_token_ids",
+    "sequential_pass",
+    "speech_positions",
     "teacher_forced_loss",
     "teacher_forcing",
     "text_token_ids",
@@ -189,6 +195,7 @@ class CalibrationExample:
         decoder_input_ids: shape ``(1, L)``, long.
         labels: shape ``(1, L)``, long; ``IGNORE_INDEX`` at prompt targets.
         text: the label text (reference in its text form, or the greedy transcript).
+        audio_s: seconds of audio in the 30 s window (the rest of the features is padding).
     """
 
     id: str
@@ -196,20 +203,21 @@ class CalibrationExample:
     decoder_input_ids: Tensor
     labels: Tensor
     text: str = ""
+    audio_s: float | None = None
 
     @property
     def n_targets(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
 
 
-def _features(processor, utt, dtype: torch.dtype, device) -> Tensor:
+def _features(processor, utt, dtype: torch.dtype, device) -> tuple[Tensor, float]:
     audio = load_audio(utt, 16000)
     if len(audio) > 30 * 16000:
         # Whisper's features cover 30 s; the rest of the audio is cut, its transcript is not.
         log.warning("%s: %.1f s of audio, only the first 30 s are used; the label may run past it",
                     utt.id, len(audio) / 16000)
     feats = processor.feature_extractor(audio, sampling_rate=16000, return_tensors="pt").input_features
-    return feats.to(device=device, dtype=dtype)  # (1, n_mels, 3000)
+    return feats.to(device=device, dtype=dtype), min(30.0, len(audio) / 16000)  # (1, n_mels, 3000), s
 
 
 def text_token_ids(sequence: Sequence[int], eot: int) -> list[int]:
@@ -282,7 +290,7 @@ def build_examples(
     examples = []
     used_rows: list[dict] = []
     for utt in tqdm(utterances, desc="labels", disable=not progress, unit="utt"):
-        feats = _features(processor, utt, param.dtype, param.device)
+        feats, audio_s = _features(processor, utt, param.dtype, param.device)
         row = cached.get(utt.id)
         if row is None:
             if spec.labels == "reference":
@@ -306,6 +314,7 @@ def build_examples(
             decoder_input_ids=torch.tensor([inputs], dtype=torch.long, device=param.device),
             labels=torch.tensor([labels], dtype=torch.long, device=param.device),
             text=row["text"],
+            audio_s=audio_s,
         ))
         used_rows.append(row)
     if labels_path is not None:  # exactly the labels of this run
@@ -342,3 +351,263 @@ def teacher_forced_loss(
         kwargs["input_features"] = example.input_features
     logits = model(**kwargs).logits  # (1, L, V)
     return F.cross_entropy(logits[0].float(), example.labels[0], ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
+# ----------------------------------------------------------------------------------------------
+# calibration passes: what enters each linear module, layer after layer
+# ----------------------------------------------------------------------------------------------
+
+#: which encoder positions enter the statistics: the speech only, or the whole 30 s window
+FRAMES = ("speech", "all")
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """How a calibrated pruning method sees its calibration data (checked once, here).
+
+    Attributes:
+        labels: the decoder tokens teacher-forced through the decoder (:class:`LabelSpec`:
+            reference transcripts by default, or the dense model's greedy ones).
+        frames: ``"speech"`` (default): only the encoder positions that hold audio enter the
+            statistics of encoder modules and of cross-attention keys/values; ``"all"``: the
+            whole 30 s window, padding included (the encoder sees the padding at inference too,
+            but for a 6.6 s utterance 78% of the positions are padding, which then dominates
+            the Hessian). Measured on tiny.en: docs/methods.md.
+        damp: SparseGPT's dampening, a fraction of the mean diagonal of H added to it.
+        block_size: SparseGPT's column block (masks are chosen per block of this many columns).
+    """
+
+    labels: LabelSpec = field(default_factory=LabelSpec)
+    frames: str = "speech"
+    damp: float = 0.01
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        if isinstance(self.labels, str):
+            object.__setattr__(self, "labels", LabelSpec(labels=self.labels))
+        if self.frames not in FRAMES:
+            raise ValueError(f"frames must be one of {list(FRAMES)}, got {self.frames!r}")
+        if not (isinstance(self.damp, (int, float)) and 0.0 <= self.damp < 1.0):
+            raise ValueError(f"damp must be a fraction in [0, 1), got {self.damp!r}")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+
+    def to_dict(self) -> dict:
+        return {"labels": dataclasses.asdict(self.labels), "frames": self.frames, "damp": self.damp,
+                "block_size": self.block_size}
+
+
+class HookSet:
+    """The hooks of one calibration pass: registered through one owner, all removed on exit
+    (also when the pass raises)."""
+
+    def __init__(self) -> None:
+        self._handles: list = []
+
+    def pre(self, module: nn.Module, fn: Callable) -> None:
+        self._handles.append(module.register_forward_pre_hook(fn))
+
+    def post(self, module: nn.Module, fn: Callable) -> None:
+        self._handles.append(module.register_forward_hook(fn))
+
+    def __enter__(self) -> "HookSet":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class _Stop(Exception):
+    """Ends a forward pass early, once the layer that was wanted has run."""
+
+
+def _stop_after(module, args, output) -> None:
+    raise _Stop
+
+
+@dataclass
+class InputStats:
+    """Running sums over the calibration tokens that enter one linear module (fp64).
+
+    Attributes:
+        n_tokens: rows of X seen.
+        sq: ``(in_features,)`` sum over tokens of ``x_j ** 2`` (Wanda's ``||X_j||^2``).
+        gram: ``(in_features, in_features)`` sum of ``x x^T`` (SparseGPT's ``H`` = gram / n),
+            kept only when asked for.
+    """
+
+    n_tokens: int
+    sq: Tensor
+    gram: Tensor | None = None
+
+    @classmethod
+    def empty(cls, n_features: int, *, gram: bool, device) -> "InputStats":
+        return cls(0, torch.zeros(n_features, dtype=torch.float64, device=device),
+                   torch.zeros(n_features, n_features, dtype=torch.float64, device=device) if gram else None)
+
+    def add(self, x: Tensor) -> None:
+        """Add tokens ``x`` of shape ``(T, in_features)``."""
+        x = x.detach().to(torch.float32)
+        self.n_tokens += int(x.shape[0])
+        self.sq += (x * x).sum(0).to(torch.float64)
+        if self.gram is not None:
+            self.gram += (x.T @ x).to(torch.float64)
+
+    @property
+    def norm(self) -> Tensor:
+        """``||X_j||_2`` per input feature (fp32)."""
+        return self.sq.sqrt().to(torch.float32)
+
+    def hessian(self) -> Tensor:
+        """``H = X^T X / n_tokens`` (fp64), SparseGPT's layer Hessian up to the factor 2."""
+        if self.gram is None:
+            raise ValueError("these statistics were collected without the Gram matrix")
+        return self.gram / max(self.n_tokens, 1)
+
+
+def speech_positions(example: CalibrationExample, n_positions: int) -> int:
+    """Encoder positions that hold audio: ``ceil(audio_s / 30 * n_positions)`` (at least 1)."""
+    if example.audio_s is None:
+        return n_positions
+    return max(1, min(n_positions, math.ceil(example.audio_s / 30.0 * n_positions - 1e-9)))
+
+
+def _layer_out(out) -> Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def layer_linears(model, side: str, index: int) -> dict[str, nn.Linear]:
+    """The linear modules of one encoder or decoder layer by parameter-name prefix
+    (``model.encoder.layers.0.self_attn.q_proj``), in execution order."""
+    stack = model.get_encoder() if side == "encoder" else model.get_decoder()
+    prefix = next(n for n, m in model.named_modules() if m is stack.layers[index]) + "."
+    return {prefix + n: m for n, m in stack.layers[index].named_modules() if isinstance(m, nn.Linear)}
+
+
+def _from_encoder_positions(name: str, side: str) -> bool:
+    # encoder modules, and the cross-attention keys/values (computed from the encoder's output)
+    return side == "encoder" or name.endswith(("encoder_attn.k_proj", "encoder_attn.v_proj"))
+
+
+LayerCallback = Callable[[str, int, "dict[str, nn.Linear]", "dict[str, InputStats]"], None]
+
+
+def sequential_pass(
+    model,
+    examples: Sequence[CalibrationExample],
+    *,
+    wanted: Iterable[str] | None = None,
+    gram: bool = False,
+    frames: str = "speech",
+    on_layer: LayerCallback | None = None,
+    progress: bool = True,
+) -> dict[str, InputStats]:
+    """Feed the calibration examples through Whisper layer by layer, in its order.
+
+    Encoder layers come first, one after another: each layer's inputs are the outputs of the
+    layers below it *as they are after* ``on_layer`` ran for them (pruned), so every layer is
+    fitted to the inputs it will really see. Then the decoder layers, teacher-forced on the
+    examples' decoder tokens: self-attention on those tokens, cross-attention on the outputs of
+    the encoder as pruned. For each layer the input statistics of its linear modules (those in
+    ``wanted``, all by default) are collected, then ``on_layer(side, index, modules, stats)`` is
+    called (it may change the layer's weights), then the layer's outputs are computed again.
+
+    Args:
+        model: ``WhisperForConditionalGeneration`` (its device and dtype are used).
+        examples: calibration examples (never evaluation data).
+        wanted: parameter-name prefixes of the modules whose statistics are needed (module names
+            such as ``model.encoder.layers.0.fc1``); others are skipped.
+        gram: also accumulate the Gram matrix (SparseGPT's Hessian).
+        frames: ``"speech"`` or ``"all"`` (:class:`CalibrationOptions`).
+        on_layer: called after each layer's statistics are complete; ``None``: a dense pass.
+        progress: a tqdm bar over layers.
+
+    Returns:
+        ``{module name: InputStats}`` of every wanted module.
+    """
+    if frames not in FRAMES:
+        raise ValueError(f"frames must be one of {list(FRAMES)}, got {frames!r}")
+    wanted_set = set(wanted) if wanted is not None else None
+    encoder, decoder = model.get_encoder(), model.get_decoder()
+    stats: dict[str, InputStats] = {}
+    n_layers = (len(encoder.layers), len(decoder.layers))
+    bar = tqdm(total=sum(n_layers), desc="calibration pass", unit="layer", disable=not progress)
+
+    def collector(side: str, index: int, limits: list[int]) -> tuple[HookSet, dict[str, nn.Linear], list[int]]:
+        modules = {n: m for n, m in layer_linears(model, side, index).items()
+                   if wanted_set is None or n in wanted_set}
+        hooks = HookSet()
+        current = [0]  # which example is running
+
+        def hook_for(name: str):
+            def hook(module, args):
+                x = args[0][0]  # (T, in): batch 1
+                if frames == "speech" and _from_encoder_positions(name, side):
+                    x = x[: limits[current[0]]]
+                st = stats.get(name)
+                if st is None:
+                    st = stats[name] = InputStats.empty(x.shape[-1], gram=gram, device=x.device)
+                st.add(x)
+            return hook
+
+        for name, module in modules.items():
+            hooks.pre(module, hook_for(name))
+        return hooks, modules, current
+
+    with torch.no_grad():
+        # encoder input: the embedded features, captured at the first layer
+        hidden: list[Tensor] = []
+        with HookSet() as h:
+            def grab(module, args):
+                hidden.append(args[0].detach())
+                raise _Stop
+            h.pre(encoder.layers[0], grab)
+            for ex in examples:
+                try:
+                    encoder(ex.input_features)
+                except _Stop:
+                    pass
+        n_positions = int(hidden[0].shape[1])
+        limits = [speech_positions(ex, n_positions) for ex in examples]
+        for index, layer in enumerate(encoder.layers):
+            hooks, modules, current = collector("encoder", index, limits)
+            with hooks:
+                for i, h_i in enumerate(hidden):
+                    current[0] = i
+                    layer(h_i, None)
+            if on_layer is not None and modules:
+                on_layer("encoder", index, modules, {n: stats[n] for n in modules if n in stats})
+            hidden = [_layer_out(layer(h_i, None)) for h_i in hidden]
+            bar.update(1)
+        encoded = [encoder.layer_norm(h_i) for h_i in hidden]  # the pruned encoder's outputs
+        hidden = []
+        for index, layer in enumerate(decoder.layers):
+            hooks, modules, current = collector("decoder", index, limits)
+            with hooks:
+                hooks.post(layer, _stop_after)
+                for i, ex in enumerate(examples):
+                    current[0] = i
+                    try:
+                        decoder(input_ids=ex.decoder_input_ids, encoder_hidden_states=encoded[i], use_cache=False)
+                    except _Stop:
+                        pass
+            if on_layer is not None and modules:
+                on_layer("decoder", index, modules, {n: stats[n] for n in modules if n in stats})
+            bar.update(1)
+    bar.close()
+    return stats
+
+
+def collect_input_stats(model, examples: Sequence[CalibrationExample], *, gram: bool, frames: str = "speech",
+                        wanted: Iterable[str] | None = None, progress: bool = True) -> dict[str, InputStats]:
+    """The input statistics of every (wanted) linear module of the *dense* model, in one pass.
+
+    What :func:`sequential_pass` collects when nothing is pruned on the way: pruning one
+    component alone from these statistics is what the sequential method would do for it (the
+    layers below it are dense), so the sensitivity ablation under Wanda or SparseGPT shares one
+    pass (``prune_model(..., input_stats=...)``).
+    """
+    return sequential_pass(model, examples, wanted=wanted, gram=gram, frames=frames, on_layer=None,
+                           progress=progress)

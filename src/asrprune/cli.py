@@ -314,6 +314,7 @@ def _add_allocate(sub) -> None:
     import inspect
 
     from . import allocate
+    from .allocation_rules import OWL_LAMBDA, OWL_M
 
     solve = inspect.signature(allocate.allocate_plan).parameters
     curves = inspect.signature(allocate.curves_from_dict).parameters
@@ -345,6 +346,23 @@ def _add_allocate(sub) -> None:
     p.add_argument("--model", default=None,
                    help="also check counts and the measured sparsity by pruning this model (restored after)")
     p.add_argument("--no-baselines", action="store_true", help="do not write the uniform/global plans")
+    p.add_argument("--rule", choices=("additive", "measured", "owl", "authors"), default="additive",
+                   help="additive: the least summed single-component damage; measured: that plan checked "
+                   "and moved on whole-plan calibration losses (needs --model, --calibration); owl: "
+                   "outlier-weighted layer sparsities (needs --model, --calibration); authors: the "
+                   "paper's sigmoid rule on gradient importance (needs --model)")
+    p.add_argument("--budget", type=_positive_int, default=8, help="measured: whole-plan checks")
+    p.add_argument("--calibration", default=None, metavar="SOURCE[::ID_PATTERN]",
+                   help="measured/owl: calibration set (never test data)")
+    p.add_argument("--calibration-limit", type=_positive_int, default=None, help="first N calibration utterances")
+    p.add_argument("--score", choices=("magnitude", "wanda", "sparsegpt"), default=None,
+                   help="the method the plan prunes with (default: the sensitivity run's; owl: wanda)")
+    p.add_argument("--owl-m", type=float, default=OWL_M, help="owl: outlier threshold M (times the layer mean)")
+    p.add_argument("--owl-lambda", type=float, default=OWL_LAMBDA, help="owl: sparsity range +-lambda around the target")
+    p.add_argument("--labels", choices=("reference", "greedy"), default="reference",
+                   help="measured/owl: decoder tokens of the calibration set")
+    _add_statistics_flags(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", type=Path, required=True, help="plan YAML to write")
     _add_trust_pickle(p)
     p.set_defaults(func=_run_allocate)
@@ -356,6 +374,8 @@ def _run_allocate(args) -> int:
         write_allocation,
     )
 
+    if args.rule != "additive":
+        return _run_rule_allocation(args)
     caps = parse_caps(args.cap)
     curves = load_sensitivity(args.sensitivity, source=args.source, diagnostic=args.diagnostic,
                               metric=args.metric, uncertainty=args.uncertainty)
@@ -377,6 +397,61 @@ def _run_allocate(args) -> int:
             f"linear weights, {m['pruned_all']:.4f} of {m['all_parameters']} parameters"
         )
     for what, path in write_allocation(alloc, args.out, baselines=not args.no_baselines).items():
+        print(f"wrote {what}: {path}")
+    return 0
+
+
+def _run_rule_allocation(args) -> int:
+    """``allocate --rule measured|owl|authors``."""
+    import json
+
+    from .allocate import load_sensitivity, parse_caps
+    from .allocation_rules import authors_allocation, measured_allocation, owl_allocation, write_rule_allocation
+    from .calibration import build_examples
+    from .models import load_model
+    from .prune import PruningMethod
+
+    if not args.model:
+        _parser(args).error(f"--rule {args.rule} needs --model (the dense model the plan is for)")
+    if args.rule in ("measured", "owl") and not args.calibration:
+        _parser(args).error(f"--rule {args.rule} needs --calibration SOURCE[::ID_PATTERN] (never test data)")
+    model, processor = load_model(args.model, trust_pickle=args.trust_pickle)
+    examples = None
+    if args.calibration:
+        calib = _read_set(args.calibration, limit=args.calibration_limit)
+        if not calib.utterances:
+            raise ValueError(f"--calibration {args.calibration}: no utterances selected")
+        examples = build_examples(model, processor, calib.utterances, spec=_calibration_options(args).labels,
+                                  progress=not args.no_progress)
+    if args.rule == "owl":
+        alloc = owl_allocation(model, examples, args.target, m=args.owl_m, lam=args.owl_lambda,
+                               score=args.score or "wanda", options=_calibration_options(args),
+                               progress=not args.no_progress)
+    elif args.rule == "authors":
+        path = args.sensitivity / "sensitivity.json" if args.sensitivity.is_dir() else args.sensitivity
+        alloc = authors_allocation(json.loads(path.read_text(encoding="utf-8")), model, args.target,
+                                   score=args.score or "magnitude")
+    else:
+        curves = load_sensitivity(args.sensitivity, source=args.source, diagnostic=args.diagnostic,
+                                  metric=args.metric, uncertainty=args.uncertainty)
+        score = args.score or curves.score
+        if score != curves.score:
+            log.warning("the sensitivity was measured under %s, the plan prunes with %s", curves.score, score)
+        method = PruningMethod(score, calibration=examples if score != "magnitude" else None,
+                               options=_calibration_options(args) if score != "magnitude" else None)
+        alloc = measured_allocation(
+            model, examples, curves, args.target, budget=args.budget, method=method,
+            allocate_kwargs=dict(caps=parse_caps(args.cap), grid_step=args.grid_step, max_sparsity=args.max_sparsity,
+                                 max_extrapolation=args.max_extrapolation, fragile_threshold=args.fragile_threshold),
+            on_check=lambda r: print(f"check {r['check']} ({r['move']}): loss delta {r['loss_delta']:+.4f}, "
+                                     f"encoder {r['encoder_sparsity']:.3f}, decoder {r['decoder_sparsity']:.3f}",
+                                     flush=True),
+        )
+        print(f"chosen: {alloc.info['chosen']} (loss delta {alloc.info['chosen_loss_delta']:+.4f})")
+    for row in alloc.rows:
+        print("  " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    print(f"{args.rule}: {alloc.achieved:.4f} of linear weights (target {args.target:.4f})")
+    for what, path in write_rule_allocation(alloc, args.out).items():
         print(f"wrote {what}: {path}")
     return 0
 
@@ -474,11 +549,18 @@ def _add_reproduce(sub) -> None:
     p.add_argument("--calibration-limit", type=_positive_int, default=d["calibration_limit"],
                    help="calibration utterances (when not given: the preset's; quick 20, main and full all)")
     p.add_argument("--preset", choices=PRESETS, default=d["preset"],
-                   help="quick: 30/50%% sweeps and 5 probes; main: the paper's headline configurations "
-                   "(decoder self-attn 50%%, late encoder 50%%, decoder FFN 30%%, global/uniform 40%%, "
-                   "the paper's plans, sensitivity-aware 40%%); full: the paper's 10-50%% grids")
+                   help="quick: 30/50%% sweeps, 5 probes and SparseGPT 40%%; main: the paper's headline "
+                   "configurations (decoder self-attn 50%%, late encoder 50%%, decoder FFN 30%%, global/uniform "
+                   "40%%, the paper's plans, sensitivity-aware 40%%) and every method at 40%%; methods: "
+                   "magnitude (global, uniform), Wanda (uniform, OWL), SparseGPT (uniform, measured "
+                   "allocation) and the authors' rule at 30/40/50%%, and 2:4; full: all of it with the "
+                   "paper's 10-50%% grids")
     p.add_argument("--sparsities", type=_fractions, default=d["sparsities"],
-                   help="levels of the component sweeps, e.g. 0.3,0.5 (replaces the preset's)")
+                   help="levels of the component sweeps, e.g. 0.3,0.5 (replaces the preset's; for "
+                   "--preset methods, the method levels)")
+    p.add_argument("--measured-budget", type=_positive_int, default=d["measured_budget"],
+                   help="whole-plan checks of SparseGPT's measured allocation (at least 2)")
+    _add_statistics_flags(p)
     p.add_argument("--protocols", type=_protocol_list, default=d["protocols"],
                    help="protocols of the pruned runs (baselines run under both)")
     p.add_argument("--target", type=_fraction, default=d["target"],
@@ -502,6 +584,7 @@ def _add_reproduce(sub) -> None:
 
 def _study_spec(args):
     """The :class:`~asrprune.study.StudySpec` of ``reproduce``'s flags."""
+    from .calibration import CalibrationOptions
     from .sensitivity import SensitivityOptions
     from .study import StudySpec
     from .sweep import DataSpec
@@ -518,7 +601,8 @@ def _study_spec(args):
         retry_failed=args.retry_failed, encoder_cache=args.encoder_cache,
         sensitivity=SensitivityOptions(ablation_sparsities=tuple(args.ablation_sparsities)),
         empty_reference=args.empty_reference, max_failed_fraction=args.max_failed_fraction,
-        trust_pickle=args.trust_pickle,
+        trust_pickle=args.trust_pickle, measured_budget=args.measured_budget,
+        calibration_options=CalibrationOptions(frames=args.frames, damp=args.damp, block_size=args.block_size),
     )
 
 
@@ -572,6 +656,7 @@ def _add_prune(sub) -> None:
     p.add_argument("--mode", choices=MODES, default=None,
                    help="global: one magnitude threshold pooled over all entries (all entries must "
                    "share one sparsity); when not given: the plan file's mode, else per_entry")
+    _add_method_flags(p)
     p.add_argument("--out", type=Path, required=True, help="pruned model directory to write")
     p.add_argument("--format", dest="formats", action="append", choices=_EXPORT_FORMATS, default=None,
                    help="forms to write (repeatable); hf (OUT itself) is always written, "
@@ -588,20 +673,25 @@ def _add_prune(sub) -> None:
 def _run_prune(args) -> int:
     import shutil
 
-    from .config import PrunePlan
+    from .config import CALIBRATED_SCORES, PrunePlan
     from .export import PRUNING_FILENAME, export_compressed, export_ctranslate2, save_pruned
     from .models import load_model, model_fingerprint
-    from .prune import prune_model
+    from .prune import prune_model, untie_output_projection
 
     formats = list(dict.fromkeys(args.formats or ["hf"]))
     if args.quantization is not None and "ctranslate2" not in formats:
         _parser(args).error("--quantization applies to --format ctranslate2 only; add --format ctranslate2")
     if args.plan is not None:
-        plan = PrunePlan.parse(args.plan, mode=args.mode or MODES[0])
+        plan = PrunePlan.parse(args.plan, mode=args.mode or MODES[0], score=args.score or "magnitude")
     else:
         plan = PrunePlan.from_yaml(args.plan_file)
-        if args.mode is not None:
-            plan = dataclasses.replace(plan, mode=args.mode)
+        if args.mode is not None or args.score is not None:
+            plan = PrunePlan.from_dict({**plan.to_dict(), **({"mode": args.mode} if args.mode else {}),
+                                        **({"score": args.score} if args.score else {})})
+    if plan.score in CALIBRATED_SCORES and not args.calibration:
+        _parser(args).error(f"--score {plan.score} needs --calibration SOURCE[::ID_PATTERN] (never test data)")
+    if args.calibration and plan.score not in CALIBRATED_SCORES:
+        _parser(args).error(f"--calibration is for --score {' or '.join(CALIBRATED_SCORES)}; the plan's score is {plan.score}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} exists and is not a directory")
@@ -610,8 +700,15 @@ def _run_prune(args) -> int:
 
     model, processor = load_model(args.model, dtype=args.dtype, trust_pickle=args.trust_pickle)
     source_fp = model_fingerprint(model)
-    result = prune_model(model, plan)
-    save_pruned(model, processor, out, pruning=result.to_dict(), source=str(args.model),
+    examples, record = _calibration(args, model, processor, plan)
+    if args.untie_proj_out:
+        untie_output_projection(model)
+    result = prune_model(model, plan, calibration=examples, options=_calibration_options(args),
+                         progress=not args.no_progress)
+    pruning = result.to_dict()
+    if record is not None:
+        pruning["calibration"]["data"] = record
+    save_pruned(model, processor, out, pruning=pruning, source=str(args.model),
                 source_fingerprint=source_fp, overwrite=args.overwrite)
     written = {"hf": out}
     for fmt in ("compressed", "ctranslate2"):
@@ -649,6 +746,60 @@ def _print_prune_result(result) -> None:
           f"sparsity {lw.sparsity:.2%}")
     for note in result.notes:
         print(f"note: {note}")
+
+
+def _add_method_flags(p: argparse.ArgumentParser) -> None:
+    """The pruning method and its calibration (defaults: ``CalibrationOptions``)."""
+    from .calibration import LABEL_MODES, CalibrationOptions
+    from .config import SCORES
+
+    d = _field_defaults(CalibrationOptions)
+    p.add_argument("--score", choices=[s for s in SCORES if s not in ("custom",)], default=None,
+                   help="pruning method: magnitude, wanda (|W| * ||X||, per row) or sparsegpt (OBS "
+                   "reconstruction); when not given: the plan file's, else magnitude")
+    p.add_argument("--calibration", default=None, metavar="SOURCE[::ID_PATTERN]",
+                   help="calibration set of wanda and sparsegpt (kept disjoint from every evaluation)")
+    p.add_argument("--calibration-limit", type=_positive_int, default=None, help="first N calibration utterances")
+    p.add_argument("--labels", choices=LABEL_MODES, default=d["labels"].labels,
+                   help="decoder tokens: reference transcripts or the dense model's greedy ones")
+    _add_statistics_flags(p)
+    p.add_argument("--untie-proj-out", action="store_true",
+                   help="give proj_out its own copy of the token embedding so that it can be pruned apart")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_statistics_flags(p: argparse.ArgumentParser) -> None:
+    """How calibration data enters Wanda's and SparseGPT's statistics (``CalibrationOptions``)."""
+    from .calibration import FRAMES, CalibrationOptions
+
+    d = _field_defaults(CalibrationOptions)
+    p.add_argument("--frames", choices=FRAMES, default=d["frames"],
+                   help="encoder positions in the statistics: speech only, or the whole 30 s window")
+    p.add_argument("--damp", type=float, default=d["damp"], help="SparseGPT dampening (fraction of mean diag H)")
+    p.add_argument("--block-size", type=_positive_int, default=d["block_size"], help="SparseGPT column block")
+
+
+def _calibration_options(args):
+    from .calibration import CalibrationOptions, LabelSpec
+
+    labels = LabelSpec(labels=args.labels, **({"text_form": args.text_form} if hasattr(args, "text_form") else {}),
+                       **({"language": args.language or None} if hasattr(args, "language") else {}))
+    return CalibrationOptions(labels=labels, frames=args.frames, damp=args.damp, block_size=args.block_size)
+
+
+def _calibration(args, model, processor, plan):
+    """The calibration examples and record of a calibrated method (``None, None`` otherwise)."""
+    from .calibration import build_examples
+    from .overlap import calibration_record
+
+    if not args.calibration:
+        return None, None
+    calib = _read_set(args.calibration, limit=args.calibration_limit, encoding=getattr(args, "encoding", "utf-8"))
+    if not calib.utterances:
+        raise ValueError(f"--calibration {args.calibration}: no utterances selected")
+    options = _calibration_options(args)
+    examples = build_examples(model, processor, calib.utterances, spec=options.labels, progress=not args.no_progress)
+    return examples, {**calibration_record(calib.utterances), "source": args.calibration}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -762,6 +913,10 @@ def _add_sensitivity(sub) -> None:
     p.add_argument("--loss-reduction", choices=LOSS_REDUCTIONS, default=d["loss_reduction"],
                    help="per-utterance loss: sequence NLL (sum over tokens) or per-token mean")
     p.add_argument("--restart", action="store_true", help="discard checkpoints in --out instead of resuming")
+    p.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt"), default=d["method"],
+                   help="how the ablation prunes: measure the sensitivity under the method that will prune "
+                   "(wanda/sparsegpt: from one dense pass of input statistics; linear weights only)")
+    _add_statistics_flags(p)
     _add_encoding(p)
     _add_trust_pickle(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -790,7 +945,8 @@ def _run_sensitivity(args) -> int:
         prediction_sparsities=args.prediction_sparsities or args.ablation_sparsities or (0.5,),
         groups=args.groups, targets=args.targets or None, ablation_wer=args.ablation_wer,
         checkpoint_every=args.checkpoint_every, n_bootstrap=args.bootstrap, seed=args.seed,
-        cache_mb=args.cache_mb, loss_reduction=args.loss_reduction,
+        cache_mb=args.cache_mb, loss_reduction=args.loss_reduction, method=args.method,
+        calibration=_calibration_options(args),
     )
     decode = _decode_options(args)
     calib = _read_set(args.calibration, include=args.include, limit=args.limit, sample=args.sample, seed=args.seed,
@@ -872,6 +1028,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--text-column", default="text", help="text column of a Hugging Face dataset")
     p.add_argument("--streaming", action="store_true", help="stream a Hugging Face dataset")
     p.add_argument("--overwrite", action="store_true", help="discard results already in --out instead of resuming")
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="evaluate a pruned model on data that overlaps its calibration set (recorded)")
     _add_scoring_flags(p)
     _add_encoding(p)
     _add_trust_pickle(p)
@@ -881,6 +1039,7 @@ def _add_evaluate(sub) -> None:
 
 def _run_evaluate(args) -> int:
     from .evaluation import evaluate
+    from .export import calibration_of
     from .manifests import read_speech_set
     from .models import load_model
 
@@ -904,6 +1063,7 @@ def _run_evaluate(args) -> int:
         bootstrap_speakers=args.bootstrap_speakers, empty_reference=args.empty_reference,
         max_failed_fraction=args.max_failed_fraction,
         selection={k: getattr(args, k) for k in ("limit", "sample", "seed", "include", "exclude")},
+        calibration=calibration_of(args.model), allow_overlap=args.allow_overlap,
     )
     s = result.summary
     unit = "speakers" if args.bootstrap_speakers else "utterances"

@@ -41,6 +41,7 @@ Scopes:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -51,6 +52,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 __all__ = [
+    "CALIBRATED_SCORES",
     "DIAGNOSTICS",
     "DTYPES",
     "MODES",
@@ -66,6 +68,7 @@ __all__ = [
     "check_nm",
     "check_sparsity",
     "parse_nm",
+    "score_scopes",
 ]
 
 # -- the shared vocabulary (one home each) ------------------------------------------------------
@@ -75,12 +78,25 @@ PROTOCOLS = ("standard", "paper")
 DTYPES = ("float32", "float16", "bfloat16")
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 #: how an entry's threshold is formed (see the module docstring)
-SCOPES = ("component", "matrix")
+SCOPES = ("component", "matrix", "row")
 #: how a plan's entries share thresholds; the first is the default
 MODES = ("per_entry", "global")
 DEFAULT_MODE = MODES[0]
 #: per-weight scores a plan may name
-SCORES = ("magnitude", "taylor", "obd", "fisher", "gradient", "wanda", "random", "custom")
+SCORES = ("magnitude", "taylor", "obd", "fisher", "gradient", "wanda", "sparsegpt", "random", "custom")
+#: the pruning methods that need a calibration pass (activations of the model being pruned)
+CALIBRATED_SCORES = ("wanda", "sparsegpt")
+#: which groupings (scopes) each score supports; the first is the default of an entry without one
+SCORE_SCOPES = {
+    "wanda": ("row", "matrix"),  # |W| * ||X|| compared within each output row (the Wanda paper)
+    "sparsegpt": ("matrix",),  # picks its mask per 128-column block, per matrix
+}
+_PER_WEIGHT_SCOPES = ("component", "matrix", "row")  # magnitude and precomputed per-weight scores
+
+
+def score_scopes(score: str) -> tuple[str, ...]:
+    """The groupings a score supports, its default first."""
+    return SCORE_SCOPES.get(score, _PER_WEIGHT_SCOPES)
 #: per-parameter sensitivity diagnostics (see asrprune.sensitivity)
 DIAGNOSTICS = ("gradient", "taylor", "fisher", "obd")
 
@@ -173,7 +189,7 @@ def check_dtype(name: Any, what: str = "dtype") -> str:
     return text
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PlanEntry:
     """One line of a plan: prune what ``selector`` names to ``sparsity``.
 
@@ -181,8 +197,10 @@ class PlanEntry:
         selector: a selector of :mod:`asrprune.components` (``"decoder.self_attn"``).
         sparsity: fraction in [0, 1] to zero. With a ``pattern`` it may be ``None`` and is then
             set to ``1 - N/M``; a given value must equal that.
-        scope: ``"component"`` (one threshold pooled over the selection, the default) or
-            ``"matrix"`` (each tensor on its own).
+        scope: ``"component"`` (one threshold pooled over the selection), ``"matrix"`` (each
+            tensor on its own) or ``"row"`` (each output row of each matrix on its own); ``None``
+            (not given) takes the plan method's default grouping (component for magnitude, row
+            for Wanda, matrix for SparseGPT).
         pattern: ``"N:M"`` semi-structured pattern or ``None``.
 
     Raises:
@@ -191,7 +209,7 @@ class PlanEntry:
 
     selector: str
     sparsity: float  # ``None`` is accepted with a pattern and replaced by 1 - N/M
-    scope: str = "component"
+    scope: str | None = None
     pattern: str | None = None
 
     def __post_init__(self) -> None:
@@ -199,7 +217,7 @@ class PlanEntry:
             raise PlanError(f"plan entry selector must be a non-empty string, got {self.selector!r}")
         object.__setattr__(self, "selector", self.selector.strip())
         what = f"plan entry {self.selector!r}"
-        if self.scope not in SCOPES:
+        if self.scope is not None and self.scope not in SCOPES:
             raise PlanError(f"{what}: scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
         if self.pattern is not None:
             n, m = parse_nm(self.pattern, f"{what}: pattern")
@@ -220,6 +238,16 @@ class PlanEntry:
                 raise PlanError(f"{what}: sparsity is missing (or give a pattern such as '2:4')")
             object.__setattr__(self, "sparsity", check_sparsity(self.sparsity, f"{what}: sparsity"))
 
+    def _key(self) -> tuple:
+        # an entry written without a scope equals the same entry with the default one
+        return (self.selector, self.sparsity, self.scope or "component", self.pattern)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PlanEntry) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
     @property
     def nm(self) -> tuple[int, int] | None:
         """``(n, m)`` of the pattern, or ``None``."""
@@ -230,7 +258,7 @@ class PlanEntry:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON/YAML-able form; ``pattern`` only when set."""
-        d: dict[str, Any] = {"selector": self.selector, "sparsity": self.sparsity, "scope": self.scope}
+        d: dict[str, Any] = {"selector": self.selector, "sparsity": self.sparsity, "scope": self.scope or "component"}
         if self.pattern is not None:
             d["pattern"] = self.pattern
         return d
@@ -239,7 +267,7 @@ class PlanEntry:
         """The CLI form: ``selector=0.5``, ``selector=0.5@matrix`` or ``selector=2:4``."""
         if self.pattern is not None:
             return f"{self.selector}={self.pattern}"
-        scope = "" if self.scope == "component" else f"@{self.scope}"
+        scope = "" if self.scope in (None, "component") else f"@{self.scope}"
         return f"{self.selector}={self.sparsity:g}{scope}" if _short_ok(self.sparsity) else (
             f"{self.selector}={self.sparsity!r}{scope}"
         )
@@ -261,7 +289,7 @@ class PlanEntry:
         return cls(
             selector=data["selector"],
             sparsity=data.get("sparsity"),
-            scope=data.get("scope", "component"),
+            scope=data.get("scope"),
             pattern=None if pattern is None else str(pattern),
         )
 
@@ -301,7 +329,7 @@ def _parse_entry(item: str) -> PlanEntry:
         )
     selector, value = item.rsplit("=", 1)
     value = value.strip()
-    scope = "component"
+    scope = None
     if "@" in value:
         value, scope = (v.strip() for v in value.split("@", 1))
     if not selector.strip():
@@ -333,8 +361,10 @@ class PrunePlan:
             :func:`asrprune.prune.prune_model`, which raises).
         mode: ``"per_entry"`` (each entry on its own, the default) or ``"global"`` (one
             threshold pooled over all entries; needs one shared sparsity and no patterns).
-        score: name of the per-weight score (``"magnitude"``, or the name of a scorer passed to
-            ``prune_model``, e.g. ``"taylor"``); recorded in results.
+        score: the pruning method (``"magnitude"``, ``"wanda"``, ``"sparsegpt"``) or the name of a
+            precomputed per-weight score passed to ``prune_model`` (``"taylor"``, ...); recorded
+            in results. It decides which groupings the entries may use (:func:`score_scopes`);
+            an entry without a scope gets the method's default.
         name: optional label for reports.
 
     Raises:
@@ -369,6 +399,24 @@ class PrunePlan:
             raise PlanError(f"plan score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if not isinstance(self.name, str):
             raise PlanError(f"plan name must be a string, got {self.name!r}")
+        allowed = score_scopes(self.score)
+        resolved = []
+        for e in entries:
+            if e.scope is None:
+                e = dataclasses.replace(e, scope=allowed[0])
+            elif e.scope not in allowed and e.pattern is None:
+                raise PlanError(
+                    f"plan entry {e.selector!r}: score {self.score!r} prunes with the groupings "
+                    f"{', '.join(allowed)}, not {e.scope!r}"
+                )
+            resolved.append(e)
+        entries = tuple(resolved)
+        object.__setattr__(self, "entries", entries)
+        if self.mode == "global" and self.score in CALIBRATED_SCORES:
+            raise PlanError(
+                f"mode 'global' pools one magnitude threshold over all entries; score {self.score!r} "
+                "has no such threshold (give each entry its sparsity instead)"
+            )
         if self.mode == "global":
             patterned = [e.selector for e in entries if e.pattern is not None]
             if patterned:

@@ -33,7 +33,7 @@ from .config import PlanEntry, PrunePlan
 from .files import append_jsonl, read_jsonl
 from .masks import n_to_prune, pooled_keep_masks
 from .models import model_fingerprint
-from .prune import WeightSnapshot, magnitude_scorer, prune_model
+from .prune import PruningMethod, WeightSnapshot, magnitude_scorer, prune_model
 
 log = logging.getLogger(__name__)
 
@@ -291,8 +291,10 @@ def measure_ablation(
     wer: Callable[[str], float] | None = None,
     reduction: str = "sum",
     progress: bool = True,
+    method: PruningMethod | None = None,
 ) -> dict:
-    """Magnitude-prune each target alone at each sparsity and measure the calibration loss.
+    """Prune each target alone at each sparsity and measure the calibration loss (magnitude by
+    default; ``method``: Wanda or SparseGPT from the dense model's statistics).
 
     The weights are restored bit-exactly after each ablation (a snapshot of the selected
     parameters), and the model's fingerprint is checked at the end.
@@ -312,6 +314,9 @@ def measure_ablation(
             model; ``run_name`` is ``"baseline"`` or ``"<target>@<s>"``.
         reduction: per-utterance loss (``"sum"``: sequence NLL, ``"mean"``: per token).
         progress: tqdm bars.
+        method: how each target is pruned (:class:`~asrprune.prune.PruningMethod`; default
+            magnitude). Under SparseGPT, which also moves the kept weights, no loss change is
+            predicted from the removed weights (``predicted`` is None).
 
     Returns:
         ``{"baseline_loss", "baseline_losses", "baseline_wer", "rows": [...], "compute_s"}``
@@ -353,10 +358,11 @@ def measure_ablation(
         t0 = time.perf_counter()
         names = select_parameters(model, target)
         with WeightSnapshot(model, names) as snap:
-            result = prune_model(model, _plan(target, s))
-            masks = snap.keep_masks()
+            result = prune_model(model, _plan(target, s)) if method is None else method.prune(model, method.plan(target, s))
+            masks = snap.keep_masks(updates=method is not None and method.score == "sparsegpt")
             saved = {n: snap.saved(n) for n in names}
-            pred = predict_loss_change(saved, mean_grad, fisher, masks) if mean_grad is not None and fisher is not None else None
+            predictable = mean_grad is not None and fisher is not None and (method is None or method.score != "sparsegpt")
+            pred = predict_loss_change(saved, mean_grad, fisher, masks) if predictable else None
             losses = evaluator.losses(names)
             w = wer(target_key(target, s)) if wer is not None else None
         row = {
@@ -403,6 +409,7 @@ def check_plans(
     *,
     loss_reduction: str = "sum",
     predicted: Mapping[str, float] | None = None,
+    method: PruningMethod | None = None,
 ) -> dict:
     """Teacher-forced calibration loss of whole pruning plans: is damage additive?
 
@@ -417,6 +424,8 @@ def check_plans(
         plans: name -> :class:`asrprune.config.PrunePlan`.
         loss_reduction: per-utterance loss, as the sensitivity run used (``sum`` or ``mean``).
         predicted: name -> the allocator's predicted damage, copied into the result.
+        method: prune every plan with this method (e.g. SparseGPT, sequentially calibrated);
+            default: each plan's own score (magnitude).
 
     Returns:
         ``{"n_utterances", "loss_reduction", "baseline_loss", "plans": {name: {"plan",
@@ -432,7 +441,7 @@ def check_plans(
     names = [n for n, _ in model.named_parameters()]
     for name, plan in plans.items():
         with WeightSnapshot(model, names):
-            res = prune_model(model, plan)
+            res = prune_model(model, plan) if method is None else method.prune(model, plan)
             loss = mean_loss()
         out["plans"][name] = {
             "plan": plan.to_text(),

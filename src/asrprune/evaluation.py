@@ -34,6 +34,7 @@ from .decoding import SAMPLING_RATE, DecodeOptions, Decoder, EncoderCache, gener
 from .files import OutputLock, append_jsonl, atomic_write_json, atomic_write_text, env_stamp, prepare_out_dir, read_json, read_jsonl
 from .manifests import Utterance
 from .models import model_fingerprint
+from .overlap import check_against_record
 from .overlap import fingerprint as data_fingerprint
 from .scoring import ErrorCounts, default_normalizer, detect_hallucination, score_utterance
 from .stats import bootstrap_ci, paired_bootstrap, permutation_pvalue, ratio
@@ -549,6 +550,8 @@ def evaluate(
     empty_reference: str = "skip",
     max_failed_fraction: float | None = None,
     selection: Mapping | None = None,
+    calibration: Mapping | None = None,
+    allow_overlap: bool = False,
 ) -> WerResult:
     """Transcribe and score a speech set; write results as they go; resume an interrupted run.
 
@@ -586,6 +589,10 @@ def evaluate(
         selection: how the utterances were selected (``limit``, ``sample``, ``seed``,
             ``include``, ``exclude``), recorded so that a resume refused for other data can name
             the flag that changed.
+        calibration: the calibration record of a pruned model (``pruning.json``'s
+            ``calibration``, :func:`asrprune.overlap.calibration_record`): the evaluation set must
+            not overlap it (ids or identical audio), unless ``allow_overlap`` (recorded).
+        allow_overlap: evaluate despite such an overlap.
 
     Returns:
         :class:`WerResult` with rows in input order.
@@ -596,6 +603,7 @@ def evaluate(
             written first, with ``wer`` null).
         OutputBusyError: another process writes into ``out_dir``.
         NotADirectoryError: ``out_dir`` is a file.
+        OverlapError: the evaluation set overlaps the model's calibration data.
         ValueError: duplicate utterance ids, an empty reference under ``"error"``, or options
             the model cannot honour.
     """
@@ -603,6 +611,11 @@ def evaluate(
         raise ValueError(f"empty_reference must be one of {list(EMPTY_REFERENCE_POLICIES)}, got {empty_reference!r}")
     if max_failed_fraction is not None and not 0.0 <= float(max_failed_fraction) < 1.0:
         raise ValueError(f"max_failed_fraction must be in [0, 1), got {max_failed_fraction!r}")
+    overlap = None
+    if calibration:  # before anything is written: test data the model was fitted to is refused
+        units = list(getattr(utterances, "utterances", utterances))
+        overlap = check_against_record(calibration, units, allow_overlap=allow_overlap).to_dict()
+        overlap["allowed"] = bool(allow_overlap)
     out_path = prepare_out_dir(out_dir) if out_dir is not None else None
     with OutputLock(out_path) if out_path is not None else contextlib.nullcontext():
         return _evaluate(
@@ -611,7 +624,7 @@ def evaluate(
             model_spec=model_spec, data_name=data_name, data_fp=data_fp, manifest_errors=manifest_errors,
             overwrite=overwrite, bootstrap_n=bootstrap_n, bootstrap_seed=bootstrap_seed,
             bootstrap_speakers=bootstrap_speakers, empty_reference=empty_reference,
-            max_failed_fraction=max_failed_fraction, selection=selection,
+            max_failed_fraction=max_failed_fraction, selection=selection, calibration_overlap=overlap,
         )
 
 
@@ -620,7 +633,7 @@ def _evaluate(model, processor, utterances, options: DecodeOptions, *, out_path:
               normalizer_name: str | None, model_spec: str | None, data_name: str | None, data_fp: str | None,
               manifest_errors: Sequence, overwrite: bool, bootstrap_n: int, bootstrap_seed: int,
               bootstrap_speakers: bool, empty_reference: str, max_failed_fraction: float | None,
-              selection: Mapping | None) -> WerResult:
+              selection: Mapping | None, calibration_overlap: Mapping | None = None) -> WerResult:
     """:func:`evaluate` with the output folder locked."""
     if hasattr(utterances, "utterances"):
         data_name = data_name or getattr(utterances, "name", None)
@@ -806,6 +819,7 @@ def _evaluate(model, processor, utterances, options: DecodeOptions, *, out_path:
         "n_empty_reference": stats["n_empty_reference"],
         "empty_reference": stats["empty_reference"],
         "max_failed_fraction": max_failed_fraction,
+        "calibration_overlap": calibration_overlap,
         "failures": stats["failures"],
         "manifest_errors": [str(e) for e in manifest_errors][:200],
         "throughput": {

@@ -184,6 +184,16 @@ def save_pruned(
     return out
 
 
+def calibration_of(model_spec: str | os.PathLike) -> dict[str, Any] | None:
+    """The calibration record of a pruned model directory (``pruning.json``), if it has one:
+    what an evaluation of that model must not overlap."""
+    path = Path(model_spec)
+    if not (path / PRUNING_FILENAME).is_file():
+        return None
+    info = json.loads((path / PRUNING_FILENAME).read_text(encoding="utf-8"))
+    return ((info.get("pruning") or {}).get("calibration") or {}).get("data")
+
+
 def read_pruning_info(model_dir: str | os.PathLike) -> dict[str, Any]:
     """Read ``pruning.json`` of a pruned model directory (or of a compressed/CTranslate2 export).
 

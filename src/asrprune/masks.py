@@ -36,6 +36,9 @@ __all__ = [
     "n_to_prune",
     "keep_mask",
     "pooled_keep_masks",
+    "keep_mask_count",
+    "row_counts",
+    "row_keep_mask",
     "nm_keep_mask",
     "parse_nm_pattern",
     "apply_keep_mask_",
@@ -116,6 +119,43 @@ def keep_mask(scores: Tensor, sparsity: float) -> Tensor:
     n_prune = n_to_prune(scores.numel(), sparsity)
     flat = _as_float_scores(scores).reshape(-1)
     return _pooled_keep_flat([flat], n_prune)[0].reshape(scores.shape)
+
+
+def keep_mask_count(scores: Tensor, n_prune: int) -> Tensor:
+    """Keep-mask pruning exactly ``n_prune`` lowest-scored entries (ties: lower flat index first)."""
+    n_prune = max(0, min(int(n_prune), scores.numel()))
+    flat = _as_float_scores(scores).reshape(-1)
+    return _pooled_keep_flat([flat], n_prune)[0].reshape(scores.shape)
+
+
+def row_counts(n_rows: int, n_cols: int, sparsity: float) -> list[int]:
+    """How many entries each row loses so that a matrix loses exactly ``round(s * rows * cols)``:
+    ``floor(s * cols)`` per row, and one more for the first rows until the total is reached."""
+    total = n_to_prune(n_rows * n_cols, sparsity)
+    base, extra = divmod(total, n_rows) if n_rows else (0, 0)
+    return [base + (1 if r < extra else 0) for r in range(n_rows)]
+
+
+def row_keep_mask(scores: Tensor, sparsity: float) -> Tensor:
+    """Keep-mask comparing scores within each output row (Wanda's grouping).
+
+    Every row of a ``(out_features, in_features)`` score matrix loses its lowest-scored entries,
+    ``row_counts`` of them, so the matrix as a whole loses exactly ``round(s * numel)`` (Wanda's
+    reference code prunes ``int(s * in_features)`` per row, slightly fewer). Ties within a row:
+    lower column first.
+
+    Raises:
+        ValueError: not a 2-D tensor, sparsity outside [0, 1], NaN scores.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"row keep-masks need a 2-D score matrix, got shape {tuple(scores.shape)}")
+    s = _as_float_scores(scores)
+    rows, cols = s.shape
+    counts = torch.tensor(row_counts(rows, cols, sparsity), device=s.device)
+    order = torch.argsort(s, dim=1, stable=True)  # ascending: the first counts[r] of row r go
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(cols, device=s.device).expand(rows, cols))
+    return rank >= counts[:, None]
 
 
 def pooled_keep_masks(scores: Sequence[Tensor], sparsity: float) -> list[Tensor]:

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -21,7 +21,7 @@ from .manifests import SpeechSet, Utterance
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Overlap", "OverlapError", "check_disjoint", "fingerprint"]
+__all__ = ["Overlap", "OverlapError", "calibration_record", "check_against_record", "check_disjoint", "fingerprint"]
 
 
 class OverlapError(ValueError):
@@ -213,3 +213,69 @@ def check_disjoint(
         log.warning("%s (allowed)", message)
         return overlap
     raise OverlapError(message, overlap)
+
+
+def calibration_record(utterances: Iterable[Utterance] | SpeechSet) -> dict[str, Any]:
+    """What a pruned model records of its calibration data, so that any later evaluation can be
+    checked against it without the data: the fingerprint, and per utterance its id, audio size,
+    segment and the sha256 of its audio."""
+    cache: dict[str, str] = {}
+    rows = []
+    for utt in _flatten(utterances):
+        if utt.array is not None or utt.audio_bytes is not None:
+            size, digest = None, _array_digest(utt)
+        else:
+            try:
+                size, digest = os.path.getsize(utt.audio), _file_digest(utt.audio, cache)
+            except OSError:
+                size, digest = None, None
+        rows.append({"id": utt.id, "size": size, "start_s": utt.start_s, "end_s": utt.end_s, "sha256": digest})
+    return {"fingerprint": fingerprint(utterances), "n_utterances": len(rows), "utterances": rows}
+
+
+def check_against_record(
+    record: Mapping[str, Any],
+    evaluation: Iterable[Utterance] | SpeechSet | Sequence[SpeechSet],
+    *,
+    allow_overlap: bool = False,
+    what: str = "the model's calibration data",
+) -> Overlap:
+    """:func:`check_disjoint` against a :func:`calibration_record` (a pruned model's pruning.json).
+
+    Raises:
+        OverlapError: the evaluation shares ids or identical audio with the record, unless
+            ``allow_overlap`` (then a warning).
+    """
+    rows = list(record.get("utterances") or [])
+    ids = {r["id"] for r in rows}
+    by_key = {(r.get("size"), r.get("start_s"), r.get("end_s")): r for r in rows if r.get("sha256")}
+    evals = _flatten(evaluation)
+    shared = sorted({u.id for u in evals if u.id in ids})
+    identical: list[tuple[str, str]] = []
+    cache: dict[str, str] = {}
+    for utt in evals:
+        if utt.id in ids:
+            continue
+        if utt.array is not None or utt.audio_bytes is not None:
+            key, digest = None, _array_digest(utt)
+            match = next((r for r in rows if r.get("sha256") == digest), None)
+        else:
+            try:
+                key = (os.path.getsize(utt.audio), utt.start_s, utt.end_s)
+            except OSError:
+                continue
+            match = by_key.get(key)
+            if match is not None and _file_digest(utt.audio, cache) != match["sha256"]:
+                match = None
+        if match is not None:
+            identical.append((match["id"], utt.id))
+    overlap = Overlap(tuple(shared), tuple(identical))
+    if overlap:
+        shown = ", ".join(list(shared[:5]) + [f"{e} = {c}" for c, e in identical[:5]])
+        message = (f"the evaluation data overlaps {what} in {overlap.count} of {len(evals)} utterances ({shown}); "
+                   "a model pruned with calibration on test data is scored on what it was fitted to. "
+                   "Choose disjoint data, or pass --allow-overlap (recorded) to proceed anyway")
+        if not allow_overlap:
+            raise OverlapError(message, overlap)
+        log.warning("%s (allowed)", message)
+    return overlap

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -36,16 +36,21 @@ from .components import (
     select_parameters,
     tied_parameters,
 )
-from .config import PlanError, PrunePlan
+from .calibration import CalibrationExample, CalibrationOptions, InputStats, sequential_pass
+from .config import CALIBRATED_SCORES, PlanEntry, PlanError, PrunePlan
+from .criteria import sparsegpt_prune_, wanda_keep_mask
 from .masks import (
     apply_keep_mask_,
     keep_mask,
     nm_keep_mask,
     pooled_keep_masks,
+    row_keep_mask,
 )
 
 __all__ = [
+    "PruningMethod",
     "WeightSnapshot",
+    "untie_output_projection",
     "Scorer",
     "magnitude_scorer",
     "dict_scorer",
@@ -164,21 +169,22 @@ class WeightSnapshot:
             for name in self.storage_of
         )
 
-    def keep_masks(self) -> dict[str, Tensor]:
+    def keep_masks(self, *, updates: bool = False) -> dict[str, Tensor]:
         """Keep-masks of what pruning did since the snapshot: False where a weight is zero now.
 
         Weights that were already zero count as removed (their contribution to every predicted
-        loss term is 0).
+        loss term is 0). ``updates=True`` admits kept weights that changed (SparseGPT moves them).
 
         Raises:
-            RuntimeError: a weight changed to another non-zero value (pruning only zeroes).
+            RuntimeError: a weight changed to another non-zero value (pruning only zeroes),
+                unless ``updates``.
         """
         current = self._current()
         masks = {}
         for n in self.storage_of:
             old, new = self.saved(n), current[n].detach().to(self.saved(n).device)
             diff = new != old
-            if bool((diff & (new != 0)).any()):
+            if not updates and bool((diff & (new != 0)).any()):
                 raise RuntimeError(f"pruning changed {n} to non-zero values; expected zeros only")
             masks[n] = ~((new == 0) & (diff | (old == 0)))
         return masks
@@ -352,6 +358,7 @@ class PruneResult:
     before: ModelSparsity
     notes: tuple[str, ...] = field(default=())
     elapsed_s: float = 0.0
+    calibration: dict | None = None
 
     @property
     def overall_sparsity(self) -> float:
@@ -384,6 +391,7 @@ class PruneResult:
             "components": self.model.components,
             "notes": list(self.notes),
             "elapsed_s": self.elapsed_s,
+            **({"calibration": self.calibration} if self.calibration is not None else {}),
         }
 
 
@@ -437,6 +445,12 @@ def _score(scorer: Scorer, name: str, param: Tensor) -> Tensor:
     return s.detach().to(param.device)
 
 
+def _row_mask(scores: Tensor, sparsity: float) -> Tensor:
+    """Per output row: a matrix's rows (a convolution's output channels; a vector is one row)."""
+    flat = scores.reshape(scores.shape[0], -1) if scores.dim() > 1 else scores.reshape(1, -1)
+    return row_keep_mask(flat, sparsity).reshape(scores.shape)
+
+
 def _nm_mask(name: str, scores: Tensor, n: int, m: int) -> Tensor:
     # convolutions (out, in, k): groups run along the flattened input (in * k)
     flat = scores.reshape(scores.shape[0], -1) if scores.dim() > 2 else scores
@@ -446,7 +460,70 @@ def _nm_mask(name: str, scores: Tensor, n: int, m: int) -> Tensor:
         raise ValueError(f"parameter {name}: {exc}") from None
 
 
-def prune_model(model: nn.Module, plan: PrunePlan, *, scorer: Scorer | None = None) -> PruneResult:
+def _measured_result(model: nn.Module, plan: PrunePlan, score_name: str, selected: list[list[str]],
+                     pre: list[SparsityStats], before: ModelSparsity, elapsed: float,
+                     calibration: dict | None = None, extra_notes: Sequence[str] = ()) -> PruneResult:
+    """What a plan did, measured on the model: per entry, per component, overall."""
+    params = dict(model.named_parameters())
+    # measurement: what is actually zero now
+    after = measure_model(model)
+    entries = tuple(
+        EntryResult(
+            selector=e.selector,
+            scope="global" if plan.mode == "global" else e.scope,
+            pattern=e.pattern,
+            requested_sparsity=float(e.sparsity),
+            parameters=tuple(names),
+            stats=_stats(params[n] for n in names),
+            stats_before=before_stats,
+        )
+        for e, names, before_stats in zip(plan.entries, selected, pre)
+    )
+    notes = list(extra_notes)
+    ties = tied_parameters(model)
+    for e, names in zip(plan.entries, selected):
+        for n in names:
+            if n in ties:
+                notes.append(
+                    f"{e.selector!r} prunes {n}, which is the same tensor as "
+                    f"{', '.join(ties[n])} (tied word embeddings): pruning the token embeddings "
+                    "also prunes the output projection, and vice versa"
+                )
+    for er in entries:
+        if er.stats_before.zeros:
+            notes.append(
+                f"{er.selector!r}: the selection held {er.stats_before.zeros} zeros before pruning "
+                f"(sparsity {er.stats_before.sparsity:.4f}); they rank lowest and count in the "
+                f"measured {er.measured_sparsity:.4f}"
+            )
+    if plan.mode == "global":
+        notes.append(
+            "mode global: one threshold pooled over all entries; per-entry sparsities differ"
+        )
+    for note in notes:
+        log.info(note)
+    return PruneResult(
+        plan=plan,
+        score=score_name,
+        entries=entries,
+        model=after,
+        before=before,
+        notes=tuple(notes),
+        elapsed_s=elapsed,
+        calibration=calibration,
+    )
+
+
+def prune_model(
+    model: nn.Module,
+    plan: PrunePlan,
+    *,
+    scorer: Scorer | None = None,
+    calibration: Sequence[CalibrationExample] | None = None,
+    options: CalibrationOptions | None = None,
+    progress: bool = False,
+    input_stats: Mapping[str, InputStats] | None = None,
+) -> PruneResult:
     """Prune ``model`` in place according to ``plan`` and measure the result.
 
     Args:
@@ -454,6 +531,13 @@ def prune_model(model: nn.Module, plan: PrunePlan, *, scorer: Scorer | None = No
         plan: a validated :class:`~asrprune.config.PrunePlan`.
         scorer: per-weight scores; ``None`` means ``|w|`` (then ``plan.score`` must be
             ``"magnitude"``). See :func:`dict_scorer` for Taylor/OBD scores.
+        calibration: the calibration examples a calibrated method (``wanda``, ``sparsegpt``)
+            needs (:func:`asrprune.calibration.build_examples`); never evaluation data.
+        options: how a calibrated method sees them (:class:`CalibrationOptions`).
+        progress: a progress bar over the calibration pass.
+        input_stats: instead of the sequential pass, prune from these statistics of the dense
+            model (:func:`asrprune.calibration.collect_input_stats`): one pass shared by many
+            prunings of single components (the sensitivity ablation under a calibrated method).
 
     Returns:
         :class:`PruneResult` with measured sparsities. For a model without zeros beforehand,
@@ -462,10 +546,14 @@ def prune_model(model: nn.Module, plan: PrunePlan, *, scorer: Scorer | None = No
 
     Raises:
         SelectorError: an entry matches nothing.
-        PlanError: overlapping entries.
-        ValueError: missing scorer for a non-magnitude plan, scores of the wrong shape or with
-            NaN, an N:M pattern that does not divide a matrix's input dimension.
+        PlanError: overlapping entries; a calibrated method's entry selecting what is not the
+            weight of a linear layer (biases, norms, convolutions, the tied output projection).
+        ValueError: missing scorer for a non-magnitude plan, no calibration for a calibrated
+            method, scores of the wrong shape or with NaN, an N:M pattern that does not divide a
+            matrix's input dimension.
     """
+    if plan.score in CALIBRATED_SCORES:
+        return _prune_calibrated(model, plan, calibration, options or CalibrationOptions(), progress, input_stats)
     if scorer is None:
         if plan.score != "magnitude":
             raise ValueError(
@@ -500,6 +588,8 @@ def prune_model(model: nn.Module, plan: PrunePlan, *, scorer: Scorer | None = No
                     masks = [_nm_mask(n, s, n_keep, m) for n, s in zip(names, scores)]
                 elif entry.scope == "component":
                     masks = pooled_keep_masks(scores, float(entry.sparsity))
+                elif entry.scope == "row":
+                    masks = [_row_mask(s, float(entry.sparsity)) for s in scores]
                 else:
                     masks = [keep_mask(s, float(entry.sparsity)) for s in scores]
                 del scores
@@ -510,51 +600,197 @@ def prune_model(model: nn.Module, plan: PrunePlan, *, scorer: Scorer | None = No
                     entry.selector, len(names), entry.scope,
                     f", pattern {entry.pattern}" if entry.pattern else "", entry.sparsity,
                 )
-    elapsed = time.perf_counter() - t0
+    return _measured_result(model, plan, score_name, selected, pre, before, time.perf_counter() - t0)
 
-    # measurement: what is actually zero now
-    after = measure_model(model)
-    entries = tuple(
-        EntryResult(
-            selector=e.selector,
-            scope="global" if plan.mode == "global" else e.scope,
-            pattern=e.pattern,
-            requested_sparsity=float(e.sparsity),
-            parameters=tuple(names),
-            stats=_stats(params[n] for n in names),
-            stats_before=before_stats,
-        )
-        for e, names, before_stats in zip(plan.entries, selected, pre)
-    )
-    notes = []
+
+# --------------------------------------------------------------------------------------------
+# calibrated methods: Wanda and SparseGPT, layer after layer
+# --------------------------------------------------------------------------------------------
+
+
+def _calibrated_targets(model: nn.Module, plan: PrunePlan, selected: list[list[str]]) -> dict[str, PlanEntry]:
+    """Module name -> its plan entry, for a calibrated method; refuses what it cannot prune."""
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     ties = tied_parameters(model)
-    for e, names in zip(plan.entries, selected):
-        for n in names:
-            if n in ties:
-                notes.append(
-                    f"{e.selector!r} prunes {n}, which is the same tensor as "
-                    f"{', '.join(ties[n])} (tied word embeddings): pruning the token embeddings "
-                    "also prunes the output projection, and vice versa"
+    targets: dict[str, PlanEntry] = {}
+    for entry, names in zip(plan.entries, selected):
+        for name in names:
+            module = name.removesuffix(".weight")
+            if name in ties and any(a.endswith("proj_out.weight") for a in ties[name]):
+                raise PlanError(
+                    f"{entry.selector!r} selects {name}, the token embedding that Whisper ties to the "
+                    f"output projection: {plan.score} would prune the embedding table with the output "
+                    "projection's inputs. Untie them first (asrprune.prune.untie_output_projection(model), "
+                    "CLI --untie-proj-out), then select proj_out"
                 )
-    for er in entries:
-        if er.stats_before.zeros:
-            notes.append(
-                f"{er.selector!r}: the selection held {er.stats_before.zeros} zeros before pruning "
-                f"(sparsity {er.stats_before.sparsity:.4f}); they rank lowest and count in the "
-                f"measured {er.measured_sparsity:.4f}"
-            )
-    if plan.mode == "global":
-        notes.append(
-            "mode global: one threshold pooled over all entries; per-entry sparsities differ"
+            if not name.endswith(".weight") or module not in linears:
+                raise PlanError(
+                    f"{entry.selector!r} selects {name}, which is not the weight of a linear layer; "
+                    f"{plan.score} needs a layer's inputs (use score magnitude for biases, norms, "
+                    "convolutions and embeddings)"
+                )
+            targets[module] = entry
+    return targets
+
+
+def untie_output_projection(model: nn.Module) -> bool:
+    """Give ``proj_out`` a weight of its own (a copy of the token embedding), so that it can be
+    pruned apart from the embedding table. Returns whether it was tied."""
+    embed = model.get_decoder().embed_tokens.weight
+    proj = model.proj_out
+    if proj.weight is not embed:
+        return False
+    proj.weight = nn.Parameter(embed.detach().clone())
+    model.config.tie_word_embeddings = False
+    if hasattr(model, "_tied_weights_keys"):
+        model._tied_weights_keys = {} if isinstance(model._tied_weights_keys, dict) else []
+    return True
+
+
+def _prune_calibrated(model: nn.Module, plan: PrunePlan, calibration: Sequence[CalibrationExample] | None,
+                      options: CalibrationOptions, progress: bool,
+                      input_stats: Mapping[str, InputStats] | None = None) -> PruneResult:
+    if input_stats is None and not calibration:
+        raise ValueError(
+            f"score {plan.score!r} needs calibration data (CLI: --calibration SOURCE[::ID_PATTERN]); "
+            "give the examples of asrprune.calibration.build_examples"
         )
-    for note in notes:
-        log.info(note)
-    return PruneResult(
-        plan=plan,
-        score=score_name,
-        entries=entries,
-        model=after,
-        before=before,
-        notes=tuple(notes),
-        elapsed_s=elapsed,
-    )
+    t0 = time.perf_counter()
+    before = measure_model(model)
+    params = dict(model.named_parameters())
+    selected = resolve_plan(model, plan)
+    pre = [_stats(params[n] for n in names) for names in selected]
+    targets = _calibrated_targets(model, plan, selected)
+    gram = plan.score == "sparsegpt"
+    warnings: list[str] = []
+    per_module: dict[str, dict] = {}
+
+    def prune_layer(side: str, index: int, modules: dict, stats: dict) -> None:
+        for name, module in modules.items():
+            entry = targets.get(name)
+            if entry is None:
+                continue
+            st = stats[name]
+            n_in = module.weight.shape[1]
+            if st.n_tokens < n_in:
+                warnings.append(
+                    f"{name}: {st.n_tokens} calibration tokens for {n_in} input features, so its "
+                    f"{'Hessian is rank-deficient' if gram else 'input norms rest on few tokens'}; "
+                    "more calibration utterances help"
+                )
+            info: dict[str, Any] = {"n_tokens": st.n_tokens, "in_features": n_in}
+            if plan.score == "wanda":
+                keep = wanda_keep_mask(module.weight, st.norm, sparsity=float(entry.sparsity), scope=entry.scope,
+                                       nm=entry.nm)
+                apply_keep_mask_(module.weight, keep)
+            else:
+                info.update(sparsegpt_prune_(module.weight, st.hessian(),
+                                             sparsity=None if entry.nm else float(entry.sparsity), nm=entry.nm,
+                                             block_size=options.block_size, damp=options.damp))
+                if input_stats is None:
+                    st.gram = None  # free the Hessian of a pruned layer
+            per_module[name] = info
+
+    if input_stats is None:
+        sequential_pass(model, calibration, wanted=set(targets), gram=gram, frames=options.frames,
+                        on_layer=prune_layer, progress=progress)
+        order = "encoder layers, then decoder layers; each layer fitted to the outputs of the pruned layers below"
+    else:
+        # one shot from the dense model's statistics: exact for a selection whose layers all see
+        # dense inputs (one component alone: the sensitivity ablation), an approximation otherwise
+        modules = dict(model.named_modules())
+        have = {n: input_stats[n] for n in targets if n in input_stats}
+        if gram and any(st.gram is None for st in have.values()):
+            raise ValueError("sparsegpt needs input statistics collected with gram=True")
+        prune_layer("dense", -1, {n: modules[n] for n in have}, have)
+        order = "one shot from the dense model's input statistics (not sequential)"
+    missing = sorted(set(targets) - set(per_module))
+    if missing:
+        raise PlanError(f"{plan.score}: no calibration inputs reached {', '.join(missing[:5])} "
+                        "(only encoder and decoder layers are pruned layer by layer)")
+    if warnings:  # once per pruning; the many one-component prunings of an ablation only log it
+        log.log(logging.WARNING if input_stats is None else logging.INFO,
+                "%s: %d matrices got fewer calibration tokens than input features (first: %s)",
+                plan.score, len(warnings), warnings[0])
+    record = {
+        "method": plan.score,
+        "options": options.to_dict(),
+        "order": order,
+        "n_utterances": len(calibration) if calibration else None,
+        "ids": [e.id for e in calibration] if calibration else None,
+        "n_tokens": {side: sum(v["n_tokens"] for k, v in per_module.items() if f".{side}." in f".{k}.")
+                     for side in ("encoder", "decoder")},
+        "warnings": warnings,
+        "modules": per_module,
+    }
+    return _measured_result(model, plan, plan.score, selected, pre, before, time.perf_counter() - t0,
+                            calibration=record)
+
+
+@dataclass(frozen=True)
+class PruningMethod:
+    """How plans are pruned: the score, and for a calibrated one (``wanda``, ``sparsegpt``) its
+    calibration examples and options. Stages that prune many plans in a row (the sensitivity
+    ablation, the whole-plan checks, the measured allocation) take one of these.
+
+    Attributes:
+        score: ``magnitude``, ``wanda`` or ``sparsegpt``.
+        calibration: the calibration examples (never evaluation data).
+        options: :class:`~asrprune.calibration.CalibrationOptions`.
+        input_stats: statistics of the dense model (:func:`asrprune.calibration.collect_input_stats`):
+            each plan is then pruned from them in one shot, with no sequential pass; exact for a
+            plan that prunes one component alone (the layers below it are dense).
+    """
+
+    score: str = "magnitude"
+    calibration: Sequence[CalibrationExample] | None = None
+    options: CalibrationOptions | None = None
+    input_stats: Mapping[str, InputStats] | None = None
+
+    def __post_init__(self) -> None:
+        if self.score in CALIBRATED_SCORES and not self.calibration and self.input_stats is None:
+            raise ValueError(f"score {self.score!r} needs calibration examples or input statistics")
+
+    @property
+    def calibrated(self) -> bool:
+        return self.score in CALIBRATED_SCORES
+
+    def plan(self, selector: str, sparsity: float) -> PrunePlan:
+        """One selector at one sparsity, in the method's default grouping (magnitude: pooled
+        over the component; Wanda: per row; SparseGPT: per matrix)."""
+        scope = None if self.calibrated else "component"
+        return PrunePlan(entries=(PlanEntry(selector=selector, sparsity=float(sparsity), scope=scope),),
+                         score=self.score)
+
+    def with_score(self, plan: PrunePlan) -> PrunePlan:
+        """``plan`` pruned by this method (entries without a scope take the method's default)."""
+        if plan.score == self.score:
+            return plan
+        d = plan.to_dict()
+        d["score"] = self.score
+        for e in d["entries"]:
+            if e.get("scope") == "component" and self.calibrated:
+                e.pop("scope")
+        return PrunePlan.from_dict(d)
+
+    def prune(self, model: nn.Module, plan: PrunePlan, *, progress: bool = False) -> PruneResult:
+        return prune_model(model, self.with_score(plan), calibration=self.calibration, options=self.options,
+                           input_stats=self.input_stats, progress=progress)
+
+    def can_prune(self, model: nn.Module, selector: str) -> bool:
+        """Whether every parameter the selector picks can be pruned by this method."""
+        if not self.calibrated:
+            return True
+        names = select_parameters(model, selector)
+        try:
+            _calibrated_targets(model, self.plan(selector, 0.5), [names])
+        except PlanError:
+            return False
+        return True
+
+    def describe(self) -> dict:
+        return {"score": self.score,
+                "options": None if not self.calibrated else (self.options or CalibrationOptions()).to_dict(),
+                "n_calibration": None if self.calibration is None else len(self.calibration),
+                "statistics": None if not self.calibrated else ("dense, one shot" if self.input_stats is not None
+                                                                 else "sequential")}

@@ -92,6 +92,7 @@ class Study:
     sensitivity: dict | None = None
     heatmaps: list[Path] = field(default_factory=list)
     plan_check: dict | None = None  # plans/plan_check.json: whole-plan calibration loss
+    methods: dict | None = None  # methods.json: the method rows against dense and global magnitude
 
 
 def read_runs(path: Path) -> tuple[list[dict], list[str]]:
@@ -146,7 +147,7 @@ def load_study(study_dir: str | Path) -> Study:
     sens = _json_file(sdir / "sensitivity.json")
     plan_check = _json_file(root / "plans" / "plan_check.json")
     return Study(root=root, options=options, runs=runs, bad_lines=bad, sensitivity=sens, heatmaps=heatmaps,
-                 plan_check=plan_check)
+                 plan_check=plan_check, methods=_json_file(root / "methods.json"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -455,7 +456,7 @@ def curve_images(study: Study, out_dir: Path) -> list[Image]:
     by_group: "OrderedDict[str, list[dict]]" = OrderedDict()
     for r in ok:
         g = normalise_group(r.get("group"))
-        if g in _NO_CURVE_GROUPS or r.get("target_sparsity") is None:
+        if g in _NO_CURVE_GROUPS or g.endswith("_2of4") or r.get("target_sparsity") is None:
             continue
         by_group.setdefault(g, []).append(r)
     images = []
@@ -496,6 +497,100 @@ def curve_images(study: Study, out_dir: Path) -> list[Image]:
         fig.savefig(path, metadata={"Software": None})
         plt.close(fig)
         images.append(Image(path, f"WER versus sparsity, {g}", f"WER (95% CI) versus sparsity for {g}; 0% is the baseline."))
+    return images
+
+
+def _delta_cell(c: Mapping | None) -> tuple[str, str]:
+    if not c or c.get("delta") is None:
+        return "—", "—"
+    txt = _signed(float(c["delta"]))
+    if c.get("ci"):
+        txt += f" [{_signed(float(c['ci'][0]))}, {_signed(float(c['ci'][1]))}]"
+    if significant({"p": c.get("p"), "ci": c.get("ci")}):
+        txt += " *"
+    return txt, _p(c.get("p"))
+
+
+def method_blocks(study: Study, out_dir: Path) -> list[Block]:
+    """The method comparison (``methods.json``): one table per model, protocol and data set, and
+    a WER-versus-sparsity figure with one line per method."""
+    rows = list((study.methods or {}).get("rows") or [])
+    if not rows:
+        return []
+    blocks: list[Block] = []
+    order = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))}
+    keyed: "OrderedDict[tuple, list[dict]]" = OrderedDict()
+    for r in rows:
+        keyed.setdefault((r["model"], r["protocol"], r["dataset"]), []).append(r)
+    baselines = {(r.get("model"), r.get("protocol"), r.get("dataset")): r for r in study.runs
+                 if _ok(r) and normalise_group(r.get("group")) == "baseline"}
+    for (model, protocol, dataset), rs in keyed.items():
+        rs = sorted(rs, key=lambda r: (r.get("pattern") is not None, float(r["target_sparsity"]), order[r["method"]]))
+        body = []
+        for r in rs:
+            ci = r.get("wer_ci")
+            wer = _pct(r.get("wer")) + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "")
+            vd, pd = _delta_cell(r.get("vs_dense"))
+            vg, pg = _delta_cell(r.get("vs_global"))
+            level = "2:4" if r.get("pattern") else f"{100 * float(r['target_sparsity']):g}%"
+            body.append([r["label"], level, _pct(r.get("sparsity_linear"), 1), wer, vd, pd, vg, pg])
+        base = baselines.get((model, protocol, dataset))
+        dense = f"; dense {_pct(base['summary']['wer'])}%" if base else ""
+        blocks.append(("h3", f"Methods: {model}, {dataset}, {protocol} protocol"))
+        blocks.append(Table(
+            ["method", "sparsity", "measured % of linear", "WER % [95% CI]", "Δ vs dense [95% CI]", "p",
+             "Δ vs global magnitude [95% CI]", "p"], body,
+            f"All linear weights of encoder and decoder pruned by each method{dense}. Δ in WER points, "
+            "paired bootstrap interval and permutation p over the same utterances; vs global magnitude = "
+            "against global magnitude pruning at the same sparsity; * = significant."))
+    blocks += _method_figures(keyed, baselines, out_dir)
+    return blocks
+
+
+def _method_figures(keyed: Mapping[tuple, list[dict]], baselines: Mapping, out_dir: Path) -> list[Image]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_mp: "OrderedDict[tuple, list[tuple[str, list[dict]]]]" = OrderedDict()
+    for (model, protocol, dataset), rs in keyed.items():
+        by_mp.setdefault((model, protocol), []).append((dataset, rs))
+    images = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, ((model, protocol), sets) in enumerate(by_mp.items()):
+        fig, axes = plt.subplots(1, len(sets), figsize=(5.2 * len(sets), 4.2), dpi=100, squeeze=False)
+        for ax, (dataset, rs) in zip(axes[0], sets):
+            base = baselines.get((model, protocol, dataset))
+            lines: "OrderedDict[str, list[dict]]" = OrderedDict()
+            for r in rs:
+                lines.setdefault(r["label"] + (" 2:4" if r.get("pattern") else ""), []).append(r)
+            for label, pts in lines.items():
+                pts = sorted(pts, key=lambda r: float(r["target_sparsity"]))
+                xs = [100 * float(r["target_sparsity"]) for r in pts]
+                ys = [100 * float(r["wer"]) for r in pts]
+                if label.endswith(" 2:4"):
+                    ax.scatter(xs, ys, marker="s", s=40, label=label, zorder=4)
+                else:
+                    if base is not None:
+                        xs, ys = [0.0] + xs, [100 * float(base["summary"]["wer"])] + ys
+                    ax.plot(xs, ys, marker="o", label=label)
+            if base is not None:
+                ax.axhline(100 * float(base["summary"]["wer"]), color="grey", ls="--", lw=1, label="dense")
+            ax.set_yscale("log")
+            ax.set_xlabel("sparsity of all linear weights (%)")
+            ax.set_ylabel("WER (%), log scale")
+            ax.set_title(f"{model}, {dataset}")
+            ax.grid(True, alpha=0.3, which="both")
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        name = "wer_vs_sparsity_methods.png" if i == 0 else f"wer_vs_sparsity_methods_{i}.png"
+        path = out_dir / name
+        fig.savefig(path, metadata={"Software": None})
+        plt.close(fig)
+        images.append(Image(path, f"WER versus sparsity per method, {model}",
+                            f"WER versus sparsity of all linear weights per pruning method ({model}, {protocol} "
+                            "protocol); squares: 2:4; dashed: dense."))
     return images
 
 
@@ -617,6 +712,10 @@ def build_blocks(study: Study, img_dir: Path) -> list[Block]:
         blocks.append(("h3", title))
         blocks.append(table)
     blocks.append(("p", PAPER_NOTE))
+    mb = method_blocks(study, img_dir)
+    if mb:
+        blocks.append(("h2", "Methods"))
+        blocks += mb
     ft = failed_table(study)
     if ft:
         blocks.append(("h3", "Failed runs"))

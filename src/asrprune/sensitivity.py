@@ -66,6 +66,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .calibration import (
+    CalibrationOptions,
+    collect_input_stats,
     LOSS_REDUCTIONS,
     CalibrationExample,
     LabelSpec,
@@ -73,13 +75,14 @@ from .calibration import (
     teacher_forced_loss,
 )
 from .components import SelectorError, linear_weight_names, list_components, select_components, select_parameters
-from .config import DIAGNOSTICS, check_sparsity
+from .config import CALIBRATED_SCORES, DIAGNOSTICS, check_sparsity, score_scopes
 from .damage import measure_ablation, predict_loss_curve, target_key
 from .decoding import DecodeOptions, EncoderCache
 from .evaluation import evaluate
 from .files import OutputLock, apply_umask, atomic_write_json, env_stamp, jsonable, prepare_out_dir
 from .manifests import Utterance
 from .models import model_fingerprint
+from .prune import PruningMethod
 from .overlap import Overlap, check_disjoint
 from .stats import spearman_with_ci
 
@@ -176,6 +179,13 @@ class SensitivityOptions:
             per layer, see :func:`analysis_units`).
         loss_reduction: per-utterance loss: ``"sum"`` (sequence NLL; default, see the module
             docstring) or ``"mean"`` (per-token mean, as HF's ``labels=`` loss).
+        method: how the ablation prunes (``magnitude``, ``wanda``, ``sparsegpt``): measure the
+            sensitivity under the method that will prune. A calibrated method prunes each target
+            from one pass of dense-model statistics over the calibration set (what its sequential
+            pass would give a component pruned alone), and only targets made of linear weights
+            are ablated.
+        calibration: the calibrated method's options (frames, damp, block size; its labels are
+            ``labels``).
     """
 
     labels: LabelSpec = field(default_factory=LabelSpec)
@@ -189,10 +199,16 @@ class SensitivityOptions:
     cache_mb: float = 2048.0
     targets: tuple[str, ...] | None = None
     loss_reduction: str = "sum"
+    method: str = "magnitude"
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
 
     def __post_init__(self) -> None:
         if isinstance(self.labels, str):
             object.__setattr__(self, "labels", LabelSpec(labels=self.labels))
+        if self.method not in ("magnitude", *CALIBRATED_SCORES):
+            raise ValueError(f"method must be one of {['magnitude', *CALIBRATED_SCORES]}, got {self.method!r}")
+        if not isinstance(self.calibration, CalibrationOptions):
+            raise ValueError("calibration must be CalibrationOptions")
         if not isinstance(self.labels, LabelSpec):
             raise ValueError(f"labels must be a LabelSpec or 'reference'/'greedy', got {self.labels!r}")
         if self.loss_reduction not in LOSS_REDUCTIONS:
@@ -224,7 +240,13 @@ class SensitivityOptions:
         return tuple(sorted(set(self.prediction_sparsities) | set(self.ablation_sparsities)))
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.method == "magnitude":  # as before the option existed: older files compare equal
+            d.pop("method")
+            d.pop("calibration")
+        else:
+            d["calibration"] = self.calibration.to_dict()
+        return d
 
 
 # ----------------------------------------------------------------------------------------------
@@ -808,20 +830,36 @@ def _score_sensitivity(
 
     # measured ablation
     ablation = None
+    method = None
     if options.ablation_sparsities:
         t0 = time.perf_counter()
         wer_fn = None
         if options.ablation_wer:
             wer_fn = _wer_function(model, processor, utterances, decode, out / "wer" if out else None, progress)
+        targets = [u.id for u in units + groups]
+        method_key = ""
+        if options.method != "magnitude":
+            copts = dataclasses.replace(options.calibration, labels=options.label_spec)
+            stats_in = collect_input_stats(model, examples, gram=options.method == "sparsegpt",
+                                           frames=copts.frames, progress=progress)
+            method = PruningMethod(options.method, options=copts, input_stats=stats_in)
+            skipped = [t for t in targets if not method.can_prune(model, t)]
+            targets = [t for t in targets if t not in skipped]
+            log.info("%s ablation: %d targets (%d not made of linear weights skipped)", options.method,
+                     len(targets), len(skipped))
+            method_key = "+" + hashlib.sha256(json.dumps([options.method, copts.to_dict()]).encode()).hexdigest()[:8]
+            timings["input_statistics"] = time.perf_counter() - t0
         ablation = measure_ablation(
-            model, examples, [u.id for u in units + groups], options.ablation_sparsities,
+            model, examples, targets, options.ablation_sparsities,
             mean_grad=mean_grad, fisher=fisher,
             results_path=(out / "ablation.jsonl") if out else None,
-            key=key + ("+wer" if options.ablation_wer else ""),
+            key=key + ("+wer" if options.ablation_wer else "") + method_key,
             cache_mb=options.cache_mb, wer=wer_fn, reduction=options.loss_reduction, progress=progress,
+            method=method,
         )
+        del method
         timings["ablation"] = time.perf_counter() - t0
-        for row in ablation["rows"]:
+        for row in ablation["rows"] if options.method == "magnitude" else ():
             expect = predicted[row["target"]][f"{row['sparsity']:g}"]
             if row.get("predicted") and (row["predicted"]["n_removed"] != expect["n_removed"]
                                          or not math.isclose(row["predicted"]["total"], expect["total"], rel_tol=1e-6, abs_tol=1e-12)):
@@ -859,7 +897,8 @@ def _score_sensitivity(
         },
         "labels": [{"id": e.id, "text": e.text, "n_targets": e.n_targets} for e in examples],
         "definitions": DEFINITIONS,
-        "scope": "component",
+        "scope": "component" if options.method == "magnitude" else score_scopes(options.method)[0],
+        "method": options.method,
         "param_counts": {"linear": sum(numels[n] for n in linear if n in numels), "all": sum(numels.values())},
         "baseline_loss": ablation["baseline_loss"] if ablation else float(np.mean(stats.losses)),
         "baseline_wer": ablation["baseline_wer"] if ablation else None,

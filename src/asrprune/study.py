@@ -5,12 +5,19 @@ A study is a :class:`StudySpec` (model, evaluation sets, calibration set, preset
 (a rerun with the same spec skips what is done) and each recorded in ``study.json``:
 
 1. ``sweep``: the baselines and the fixed variants (:func:`study_variants`: component sweeps,
-   fragility probes, global and uniform magnitude at the target, the paper's own plans);
+   fragility probes, global and uniform magnitude at the target, the paper's own plans; and
+   :func:`fixed_method_variants`: the method rows that need no measurement);
 2. ``sensitivity``: diagnostics on the calibration set (``DIR/sensitivity``);
 3. ``allocation`` and ``sweep_allocated``: the sensitivity-aware plan at the target and its runs;
-4. ``plan_check``: the teacher-forced calibration loss of the whole target-sparsity plans
+4. the method rows made by a rule (presets ``main``: at 40%; ``methods``: at 30/40/50%):
+   ``owl`` (OWL's layer sparsities for Wanda), ``authors`` (the authors' rule from the gradient
+   diagnostic), ``sensitivity_sparsegpt`` (the ablation under SparseGPT) and ``measured`` (the
+   measured allocation for SparseGPT), then ``sweep_methods`` and ``method_comparison``
+   (``methods.json``); calibrated methods prune with the study's calibration set
+   (:mod:`asrprune.allocation_rules`);
+5. ``plan_check``: the teacher-forced calibration loss of the whole target-sparsity plans
    against the allocator's additive prediction (``DIR/plans/plan_check.json``);
-5. ``report``: ``report.md`` / ``report.html`` (:func:`asrprune.report.build_report`).
+6. ``report``: ``report.md`` / ``report.html`` (:func:`asrprune.report.build_report`).
 
 A failed run or stage is recorded (``runs.jsonl`` / ``study.json``) and the study goes on.
 """
@@ -21,6 +28,7 @@ import dataclasses
 import logging
 import math
 import os
+import shutil
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -28,12 +36,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from .allocate import allocate_plan, load_sensitivity, write_allocation
-from .calibration import build_examples
+from .allocation_rules import authors_allocation, measured_allocation, owl_allocation, write_rule_allocation
+from .calibration import CalibrationOptions, build_examples
 from .config import PROTOCOLS, PlanEntry, PrunePlan, check_sparsity
 from .damage import check_plans
 from .decoding import DecodeOptions
 from .files import OutputBusyError, OutputLock, atomic_write_json, atomic_write_text, now_iso, read_json, slug
 from .overlap import check_disjoint, fingerprint
+from .prune import PruningMethod
 from .report import ReportPaths, build_report, draw_heatmaps
 from .sensitivity import SensitivityOptions, score_sensitivity
 from .sweep import (
@@ -63,10 +73,25 @@ __all__ = [
     "study_variants",
 ]
 
-PRESETS = ("quick", "main", "full")
+PRESETS = ("quick", "main", "methods", "full")
 
 
 STUDY_TARGET = 0.4  # the paper's ~40% models (global magnitude, sensitivity-aware)
+
+#: the method rows: (name, group, label, score, how the plan is made)
+METHODS: tuple[tuple[str, str, str, str, str], ...] = (
+    ("global", "global", "global magnitude", "magnitude", "fixed"),
+    ("uniform", "uniform", "uniform magnitude", "magnitude", "fixed"),
+    ("authors", "authors_rule", "authors' rule (magnitude)", "magnitude", "authors"),
+    ("wanda", "wanda_uniform", "Wanda uniform", "wanda", "fixed"),
+    ("wanda_owl", "wanda_owl", "Wanda + OWL", "wanda", "owl"),
+    ("sparsegpt", "sparsegpt_uniform", "SparseGPT uniform", "sparsegpt", "fixed"),
+    ("sparsegpt_measured", "sparsegpt_measured", "SparseGPT + measured allocation", "sparsegpt", "measured"),
+)
+METHOD_ROWS = tuple(m[0] for m in METHODS)
+METHOD_LEVELS = (0.3, 0.4, 0.5)
+NM_ROWS = ("uniform", "wanda", "sparsegpt")  # 2:4 exists for these (no allocation at N:M)
+MEASURED_BUDGET = 8  # whole-plan checks of the measured allocation
 
 
 @dataclass(frozen=True)
@@ -80,6 +105,12 @@ class StudyGrid:
     # per-group levels ((selector, levels), ...) replacing ``components``/``late_encoder``;
     # a group not listed is not swept (the ``main`` preset)
     group_levels: tuple[tuple[str, tuple[float, ...]], ...] | None = None
+    # the method rows (METHOD_ROWS names) at ``method_levels`` of all linear weights, and those
+    # of them also run at 2:4
+    method_rows: tuple[str, ...] = ()
+    method_levels: tuple[float, ...] = ()
+    nm_rows: tuple[str, ...] = ()
+    paper_plans: bool = True  # the paper's own ~40% plans (not in the method comparison)
 
     @classmethod
     def preset(cls, name: str, sparsities: Sequence[float] | None = None) -> "StudyGrid":
@@ -90,8 +121,14 @@ class StudyGrid:
         the paper's plans and the sensitivity-aware plan are in every preset); calibration on
         all the utterances given.
 
+        ``methods`` is the method comparison alone (no component sweeps, probes or paper plans): every row of
+        :data:`METHOD_ROWS` at 30, 40 and 50% of all linear weights, and 2:4 for uniform
+        magnitude, Wanda and SparseGPT. ``main`` has the method rows at 40%, ``quick`` SparseGPT
+        at 40% (beside global magnitude at 40%), ``full`` everything.
+
         ``sparsities`` replaces the component and late-encoder levels (and ``main``'s
-        per-group levels: every group of the sweep at those levels).
+        per-group levels: every group of the sweep at those levels); for ``methods``, the
+        method rows' levels.
         """
         if name == "quick":
             grid = cls(
@@ -105,6 +142,8 @@ class StudyGrid:
                     ("token_embeddings", 0.2),
                 ),
                 calibration_limit=20,
+                method_rows=("sparsegpt",),
+                method_levels=(STUDY_TARGET,),
             )
         elif name == "main":
             grid = cls(
@@ -113,7 +152,12 @@ class StudyGrid:
                 probes=(),
                 calibration_limit=None,
                 group_levels=(("decoder_self_attn", (0.5,)), ("late_encoder", (0.5,)), ("decoder_ffn", (0.3,))),
+                method_rows=METHOD_ROWS,
+                method_levels=(STUDY_TARGET,),
             )
+        elif name == "methods":
+            grid = cls(components=(), late_encoder=(), probes=(), calibration_limit=None, group_levels=(),
+                       method_rows=METHOD_ROWS, method_levels=METHOD_LEVELS, nm_rows=NM_ROWS, paper_plans=False)
         elif name == "full":
             grid = cls(
                 components=(0.1, 0.2, 0.3, 0.4, 0.5),
@@ -129,13 +173,19 @@ class StudyGrid:
                     ("token_embeddings", 0.2),
                 ),
                 calibration_limit=None,
+                method_rows=METHOD_ROWS,
+                method_levels=METHOD_LEVELS,
+                nm_rows=NM_ROWS,
             )
         else:
             raise SweepSpecError(f"preset {name!r} unknown; choose one of {', '.join(PRESETS)}")
         if sparsities:
             levels = tuple(sorted({check_sparsity(x, "--sparsities", positive=True, error=SweepSpecError)
                                    for x in sparsities}))
-            grid = dataclasses.replace(grid, components=levels, late_encoder=levels, group_levels=None)
+            if name == "methods":  # no component sweeps: the levels are the method rows'
+                grid = dataclasses.replace(grid, method_levels=levels)
+            else:
+                grid = dataclasses.replace(grid, components=levels, late_encoder=levels, group_levels=None)
         return grid
 
 
@@ -280,7 +330,46 @@ def study_variants(
     ):
         out.append(Variant(name=f"{group}@{_format_sparsity(target)}", plan=plan, group=group, selector="all_linear",
                            target_sparsity=target, condition=f"{label} {_pct(target)}"))
-    out.extend(v for v, _ in paper_plans(n_encoder_layers, n_decoder_layers))
+    if grid.paper_plans:
+        out.extend(v for v, _ in paper_plans(n_encoder_layers, n_decoder_layers))
+    return out
+
+
+def _method(name: str) -> tuple[str, str, str, str, str]:
+    return next(m for m in METHODS if m[0] == name)
+
+
+def method_variant(name: str, s: float, plan: PrunePlan, *, nm: bool = False, note: str | None = None) -> Variant:
+    """The study's variant of method row ``name`` at sparsity ``s`` (or 2:4)."""
+    _, group, label, _, _ = _method(name)
+    if nm:
+        return Variant(name=f"{name}@2of4", plan=plan, group=f"{group}_2of4", selector="all_linear",
+                       target_sparsity=0.5, condition=f"{label} 2:4", note=note)
+    return Variant(name=f"{name}@{_format_sparsity(s)}", plan=plan, group=group, selector="all_linear", target_sparsity=s,
+                   condition=f"{label} {_pct(s)}", note=note)
+
+
+def fixed_method_variants(grid: StudyGrid) -> list[Variant]:
+    """The method rows whose plans need no measurement: global and uniform magnitude, Wanda
+    and SparseGPT uniform (every matrix at the level), and their 2:4 forms."""
+    out = []
+    for name in grid.method_rows:
+        _, _, _, score, how = _method(name)
+        if how != "fixed":
+            continue
+        for s in grid.method_levels:
+            if name == "global":
+                plan = PrunePlan((PlanEntry("all_linear", s),), mode="global")
+            elif name == "uniform":
+                plan = PrunePlan((PlanEntry("all_linear", s, scope="matrix"),))
+            else:
+                plan = PrunePlan((PlanEntry("all_linear", s),), score=score)
+            out.append(method_variant(name, s, plan))
+    for name in grid.nm_rows:
+        score = _method(name)[3]
+        scope = "matrix" if score == "magnitude" else None
+        out.append(method_variant(name, 0.5, PrunePlan((PlanEntry("all_linear", 0.5, scope=scope, pattern="2:4"),),
+                                                       score=score), nm=True))
     return out
 
 
@@ -329,6 +418,9 @@ class StudySpec:
         empty_reference, max_failed_fraction: how evaluation treats empty references and when
             too many failed utterances fail a run (:func:`asrprune.evaluation.evaluate`).
         trust_pickle: also load a pickle checkpoint (``pytorch_model.bin``).
+        measured_budget: whole-plan checks of the measured allocation (at least 2).
+        calibration_options: how Wanda and SparseGPT see the calibration set (its labels follow
+            ``sensitivity``'s).
     """
 
     model: str
@@ -351,6 +443,8 @@ class StudySpec:
     empty_reference: str = "skip"
     max_failed_fraction: float | None = None
     trust_pickle: bool = False
+    measured_budget: int = MEASURED_BUDGET
+    calibration_options: CalibrationOptions = field(default_factory=CalibrationOptions)
 
     def __post_init__(self) -> None:
         data = tuple(DataSpec.from_obj(d) for d in (self.data if not isinstance(self.data, (str, DataSpec)) else [self.data]))
@@ -371,6 +465,8 @@ class StudySpec:
         if not isinstance(self.sensitivity, SensitivityOptions):
             raise SweepSpecError("reproduce: sensitivity must be SensitivityOptions")
         check_sparsity(self.target, "reproduce: target", positive=True, error=SweepSpecError)
+        if isinstance(self.measured_budget, bool) or not isinstance(self.measured_budget, int) or self.measured_budget < 2:
+            raise SweepSpecError(f"reproduce: measured_budget must be an integer >= 2, got {self.measured_budget!r}")
         self.grid  # validates preset and sparsities
         self.sweep_spec()  # validates protocols, decode options and the cache mode
 
@@ -406,7 +502,20 @@ class StudySpec:
             empty_reference=self.empty_reference,
             max_failed_fraction=self.max_failed_fraction,
             trust_pickle=self.trust_pickle,
+            **self._calibration_fields(variants),
         )
+
+    def method_options(self) -> CalibrationOptions:
+        """The calibrated methods' options, labelled as the sensitivity stage labels."""
+        return dataclasses.replace(self.calibration_options, labels=self.sensitivity.label_spec)
+
+    def _calibration_fields(self, variants: Sequence[Variant]) -> dict[str, Any]:
+        if not any(v.plan is not None and v.plan.score in ("wanda", "sparsegpt") for v in variants):
+            return {}
+        o = self.method_options()
+        return {"calibration": self.calibration_spec(), "allow_overlap": self.allow_overlap,
+                "calibration_options": {"labels": dataclasses.asdict(o.labels), "frames": o.frames, "damp": o.damp,
+                                        "block_size": o.block_size}}
 
 
 class _Study:
@@ -520,6 +629,130 @@ class _Study:
         return checked
 
 
+    # -- the method rows -------------------------------------------------------------------
+
+    def examples(self) -> list:
+        """The calibration examples of the calibrated methods (built once, on the dense model)."""
+        slot = self.model()
+        return self.runner.calibration_examples(slot, self.calib_set, self.spec.method_options())
+
+    def owl(self, grid: StudyGrid) -> list[Variant]:
+        slot = self.model()
+        out = []
+        try:
+            for s in grid.method_levels:
+                path = self.out / "plans" / f"wanda_owl_{round(100 * s)}.yaml"
+                alloc = owl_allocation(slot.model, self.examples(), s, score="wanda",
+                                       options=self.spec.method_options(), progress=self.progress)
+                write_rule_allocation(alloc, path)
+                out.append(method_variant("wanda_owl", s, alloc.plan, note=f"OWL (M 5, lambda 0.08) from {path.name}"))
+        finally:
+            slot.restore()
+        return out
+
+    def authors(self, grid: StudyGrid) -> list[Variant]:
+        slot = self.model()
+        sens = read_json(self.out / "sensitivity" / "sensitivity.json")
+        out = []
+        for s in grid.method_levels:
+            alloc = authors_allocation(sens, slot.model, s)
+            path = self.out / "plans" / f"authors_{round(100 * s)}.yaml"
+            write_rule_allocation(alloc, path)
+            out.append(method_variant("authors", s, alloc.plan, note=f"the authors' rule, from {path.name}"))
+        return out
+
+    def sensitivity_under(self, method: str) -> Path:
+        """The ablation under ``method`` (``DIR/sensitivity_<method>``): magnitude's gradient
+        diagnostics plus the measured damage of pruning each component by ``method``."""
+        sdir = self.out / f"sensitivity_{method}"
+        slot = self.model()
+        if _sensitivity_done(sdir, slot.fingerprint, [u.id for u in self.calib_set.utterances], method=method):
+            return sdir
+        opts = dataclasses.replace(self.spec.sensitivity, method=method,
+                                   calibration=self.spec.method_options(), groups=())
+        # the labels and gradient accumulators do not depend on the method: resume from the
+        # magnitude run's (their checkpoint key is model + labels + loss reduction)
+        sdir.mkdir(parents=True, exist_ok=True)
+        for name in ("labels.jsonl", "accumulators.safetensors", "accumulators.safetensors.json"):
+            src = self.out / "sensitivity" / name
+            if src.is_file() and not (sdir / name).exists():
+                shutil.copyfile(src, sdir / name)
+        try:
+            score_sensitivity(slot.model, slot.processor, self.calib_set.utterances, options=opts, out_dir=sdir,
+                              evaluation=[u for ss in self.eval_sets.values() for u in ss.utterances],
+                              allow_overlap=self.spec.allow_overlap, decode=self.spec.decode,
+                              data_info={"name": self.calib_spec.display_name, "source": self.calib_spec.source,
+                                         "include": self.calib_spec.include}, progress=self.progress)
+        finally:
+            slot.restore()
+        return sdir
+
+    def measured(self, grid: StudyGrid, sdir: Path) -> list[Variant]:
+        slot = self.model()
+        curves = load_sensitivity(sdir)
+        method = PruningMethod("sparsegpt", calibration=self.examples(), options=self.spec.method_options())
+        out = []
+        try:
+            for s in grid.method_levels:
+                path = self.out / "plans" / f"sparsegpt_measured_{round(100 * s)}.yaml"
+                old = read_json(path.with_suffix(".json"))
+                key = {"sensitivity": str(curves.path), "budget": self.spec.measured_budget,
+                       "calibration": [u.id for u in self.calib_set.utterances], "model": slot.fingerprint}
+                if isinstance(old, dict) and (old.get("info") or {}).get("key") == key:
+                    plan = PrunePlan.from_dict(old["plan"])
+                else:
+                    alloc = measured_allocation(slot.model, self.examples(), curves, s, budget=self.spec.measured_budget,
+                                                method=method, loss_reduction=self.spec.sensitivity.loss_reduction)
+                    alloc = dataclasses.replace(alloc, info={**alloc.info, "key": key})
+                    write_rule_allocation(alloc, path)
+                    plan = alloc.plan
+                out.append(method_variant("sparsegpt_measured", s, plan,
+                                          note=f"measured allocation ({self.spec.measured_budget} whole-plan checks), {path.name}"))
+        finally:
+            slot.restore()
+        return out
+
+
+    def method_comparison(self) -> dict:
+        """Every method row against the dense baseline and against global magnitude at the
+        same sparsity (paired tests on the same utterances): ``DIR/methods.json``."""
+        from .evaluation import compare
+        from .files import latest_rows, read_jsonl
+
+        groups = {m[1]: m for m in METHODS}
+        rows = [r for r in latest_rows(read_jsonl(self.out / "runs.jsonl")).values() if r.get("status") == "ok"]
+        method_rows = [r for r in rows if r.get("group") in groups or str(r.get("group", "")).removesuffix("_2of4") in groups]
+        glob = {(r["model"], r["dataset"], r["protocol"], round(float(r["target_sparsity"]), 4)): r
+                for r in method_rows if r.get("group") == "global"}
+        out_rows = []
+        for r in method_rows:
+            g = str(r["group"])
+            nm = g.endswith("_2of4")
+            entry = {k: r.get(k) for k in ("variant", "condition", "group", "model", "dataset", "protocol",
+                                           "target_sparsity", "sparsity_linear", "run_id")}
+            base = groups[g.removesuffix("_2of4")]
+            entry.update({"method": base[0], "label": base[2], "score": base[3], "pattern": "2:4" if nm else None,
+                          "wer": r["summary"].get("wer"), "wer_ci": r["summary"].get("wer_ci"),
+                          "vs_dense": _cmp_fields(r.get("comparison"))})
+            ref = glob.get((r["model"], r["dataset"], r["protocol"], round(float(r["target_sparsity"]), 4)))
+            entry["vs_global"] = None
+            if ref is not None and ref["run_id"] != r["run_id"]:
+                c = compare(self.out / ref["run_dir"], self.out / r["run_dir"]).to_dict()
+                entry["vs_global"] = {"global_run_id": ref["run_id"], **_cmp_fields(c)}
+            out_rows.append(entry)
+        data = {"rows": out_rows, "note": "delta = method minus reference (WER points as fractions); paired "
+                "bootstrap 95% interval and sign-flip permutation p over utterances"}
+        atomic_write_json(self.out / "methods.json", data)
+        return data
+
+
+def _cmp_fields(c) -> dict | None:
+    if not c:
+        return None
+    return {"delta": c.get("delta", c.get("delta_wer")), "ci": c.get("ci", c.get("delta_ci")),
+            "p": c.get("p", c.get("p_value")), "n": c.get("n", c.get("n_utterances"))}
+
+
 def draw_heatmaps_quietly(sensitivity_dir: Path) -> None:
     """Draw the sensitivity heatmaps; a plotting failure is logged, the results stand."""
     try:
@@ -576,6 +809,8 @@ def reproduce(spec: StudySpec, out_dir: str | os.PathLike, *, progress: bool = T
         slot = study.model()
         n_enc, n_dec = int(slot.model.config.encoder_layers), int(slot.model.config.decoder_layers)
         variants = study_variants(grid, n_enc, n_dec, target=spec.target)
+        # the method rows whose plans need no measurement run in the first sweep
+        variants += [v for v in fixed_method_variants(grid) if v.name not in {x.name for x in variants}]
         _write_plans(out / "plans", variants)
         update_study_json(out, {"paper_plans": {v.name: {"plan": v.plan.to_text(), "note": v.note}
                                                 for v, _ in paper_plans(n_enc, n_dec)}})
@@ -598,11 +833,30 @@ def reproduce(spec: StudySpec, out_dir: str | os.PathLike, *, progress: bool = T
             if summary is not None:
                 study.result.sweeps.append(summary)
 
-        # 3b. is damage additive? the whole target-sparsity plans on the calibration loss
+        # 4. the method rows made by a rule: OWL, the authors' rule and the measured allocation
+        done_variants = [*variants, *([allocated] if allocated is not None else [])]
+        rules: list[Variant] = []
+        if "wanda_owl" in grid.method_rows:
+            rules += study.stage("owl", lambda: study.owl(grid)) or []
+        if "authors" in grid.method_rows and (sens_dir / "sensitivity.json").is_file():
+            rules += study.stage("authors", lambda: study.authors(grid)) or []
+        if "sparsegpt_measured" in grid.method_rows:
+            sdir = study.stage("sensitivity_sparsegpt", lambda: study.sensitivity_under("sparsegpt"))
+            if sdir is not None:
+                rules += study.stage("measured", lambda: study.measured(grid, sdir)) or []
+        if rules:
+            summary = study.stage("sweep_methods", lambda: study.sweep([*done_variants, *rules]))
+            if summary is not None:
+                study.result.sweeps.append(summary)
+
+        if grid.method_rows:
+            study.stage("method_comparison", study.method_comparison)
+
+        # 5. is damage additive? the whole target-sparsity plans on the calibration loss
         if (sens_dir / "sensitivity.json").is_file():
             study.stage("plan_check", lambda: study.plan_check(variants, allocated, slot.fingerprint))
 
-        # 4. the report
+        # 6. the report
         study.result.wall_s = time.perf_counter() - t_start
         _record_session(out, study_started, study.result.wall_s)
         if report:
@@ -610,11 +864,12 @@ def reproduce(spec: StudySpec, out_dir: str | os.PathLike, *, progress: bool = T
     return study.result
 
 
-def _sensitivity_done(sdir: Path, model_fp: str, ids: list[str]) -> bool:
+def _sensitivity_done(sdir: Path, model_fp: str, ids: list[str], *, method: str = "magnitude") -> bool:
     data = read_json(sdir / "sensitivity.json")
     if not isinstance(data, dict):
         return False
-    return data.get("model_fingerprint") == model_fp and (data.get("data") or {}).get("ids") == ids
+    return (data.get("model_fingerprint") == model_fp and (data.get("data") or {}).get("ids") == ids
+            and (data.get("method") or "magnitude") == method)
 
 
 def _write_plans(plans_dir: Path, variants: Iterable[Variant]) -> None:

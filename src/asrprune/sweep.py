@@ -42,6 +42,12 @@ A sweep spec in YAML (relative paths are relative to the YAML file; unknown keys
     decode: {batch_size: 16, device: auto}        # DecodeOptions fields except protocol
     limit: 40
     encoder_cache: memory                         # memory | disk | off
+    calibration: {source: ../shared/data/ljspeech/manifest.jsonl, include: "LJ001-*", limit: 100}
+    calibration_options: {labels: reference, frames: speech, damp: 0.01, block_size: 128}
+
+Plans with ``score: wanda`` or ``score: sparsegpt`` are pruned with the sweep's ``calibration``
+set (built once per model, never overlapping an evaluation set unless ``allow_overlap``); their
+run ids also cover the calibration set's fingerprint and ``calibration_options``.
 """
 
 from __future__ import annotations
@@ -61,7 +67,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import yaml
 from tqdm.auto import tqdm
 
-from .config import PROTOCOLS, SCOPES, PlanEntry, PrunePlan, check_keys, check_sparsity, load_yaml
+from .calibration import CalibrationOptions, LabelSpec, build_examples
+from .config import CALIBRATED_SCORES, PROTOCOLS, SCOPES, PlanEntry, PrunePlan, check_keys, check_sparsity, load_yaml
 from .decoding import DecodeOptions, DiskEncoderCache, EncoderCache
 from .evaluation import EMPTY_REFERENCE_POLICIES, compare, evaluate
 from .files import (
@@ -81,7 +88,8 @@ from .files import (
 )
 from .manifests import SpeechSet, read_speech_set
 from .models import load_model, model_fingerprint
-from .overlap import fingerprint
+from .export import calibration_of
+from .overlap import calibration_record, check_disjoint, fingerprint
 from .prune import WeightSnapshot, measure_model, prune_model
 
 log = logging.getLogger(__name__)
@@ -340,11 +348,15 @@ class SweepSpec:
     empty_reference: str = "skip"
     max_failed_fraction: float | None = None
     trust_pickle: bool = False
+    calibration: DataSpec | None = None
+    calibration_options: Mapping[str, Any] = field(default_factory=dict)
+    allow_overlap: bool = False
 
     YAML_KEYS = (
         "name", "models", "data", "plans", "selectors", "sparsities", "scope", "protocols",
         "baseline_protocols", "baseline", "decode", "limit", "sample", "seed", "encoder_cache",
-        "empty_reference", "max_failed_fraction", "trust_pickle",
+        "empty_reference", "max_failed_fraction", "trust_pickle", "calibration", "calibration_options",
+        "allow_overlap",
     )  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -398,6 +410,17 @@ class SweepSpec:
             raise SweepSpecError(f"sweep: max_failed_fraction must be in [0, 1), got {self.max_failed_fraction!r}")
         if not isinstance(self.trust_pickle, bool):
             raise SweepSpecError(f"sweep: trust_pickle must be true or false, got {self.trust_pickle!r}")
+        if self.calibration is not None and not isinstance(self.calibration, DataSpec):
+            raise SweepSpecError(f"sweep: calibration {self.calibration!r} is not a DataSpec")
+        self.calibration_opts()  # validates calibration_options
+        if not isinstance(self.allow_overlap, bool):
+            raise SweepSpecError(f"sweep: allow_overlap must be true or false, got {self.allow_overlap!r}")
+        if self.calibration is None:
+            for v in self.plans:
+                if v.plan is not None and v.plan.score in CALIBRATED_SCORES:
+                    raise SweepSpecError(
+                        f"sweep: plan {v.name} prunes with score {v.plan.score}, which needs calibration data: "
+                        "add 'calibration: {source: ..., include: ..., limit: ...}' (never test data)")
         if not isinstance(self.decode, Mapping):
             raise SweepSpecError("sweep: 'decode' must be a mapping of decoding options")
         if "protocol" in self.decode:
@@ -408,6 +431,30 @@ class SweepSpec:
             decode_options(p, self.decode)  # validates the decode fields once
 
     # -- views ---------------------------------------------------------------------------------
+
+    def calibration_opts(self) -> CalibrationOptions:
+        """``calibration_options`` as :class:`~asrprune.calibration.CalibrationOptions`
+        (``labels`` may be ``reference``/``greedy`` or a mapping of LabelSpec fields)."""
+        obj = self.calibration_options
+        if not isinstance(obj, Mapping):
+            raise SweepSpecError("sweep: calibration_options must be a mapping")
+        allowed = [f.name for f in dataclasses.fields(CalibrationOptions)]
+        unknown = sorted(set(obj) - set(allowed))
+        if unknown:
+            raise SweepSpecError(f"sweep.calibration_options: unknown {unknown}; allowed: {', '.join(allowed)}")
+        kwargs = dict(obj)
+        try:
+            labels = kwargs.get("labels")
+            if isinstance(labels, Mapping):
+                kwargs["labels"] = LabelSpec(**labels)
+            return CalibrationOptions(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise SweepSpecError(f"sweep.calibration_options: {exc}") from None
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether any plan needs the calibration set."""
+        return any(v.plan is not None and v.plan.score in CALIBRATED_SCORES for v in self.plans)
 
     @property
     def all_protocols(self) -> tuple[str, ...]:
@@ -486,8 +533,12 @@ class SweepSpec:
             baseline_protocols=None if bp is None else tuple(_as_tuple(bp, "sweep.baseline_protocols")),
             decode=dict(obj.get("decode") or {}),
         )
+        if obj.get("calibration") is not None:
+            kwargs["calibration"] = DataSpec.from_obj(obj["calibration"], base_dir=bd)
+        if obj.get("calibration_options") is not None:
+            kwargs["calibration_options"] = dict(obj["calibration_options"])
         for key in ("scope", "baseline", "limit", "sample", "seed", "encoder_cache", "name", "empty_reference",
-                    "max_failed_fraction", "trust_pickle"):
+                    "max_failed_fraction", "trust_pickle", "allow_overlap"):
             if key in obj and obj[key] is not None:
                 kwargs[key] = obj[key]
         if "baseline" in kwargs and not isinstance(kwargs["baseline"], bool):
@@ -539,6 +590,10 @@ class SweepSpec:
             "max_failed_fraction": self.max_failed_fraction,
             "trust_pickle": self.trust_pickle,
         }
+        if self.calibration is not None:  # only when set: older sweep.yaml files stay as they were
+            out["calibration"] = self.calibration.to_obj()
+            out["calibration_options"] = self.calibration_opts().to_dict()
+            out["allow_overlap"] = self.allow_overlap
         return out
 
     def to_yaml(self) -> str:
@@ -609,12 +664,15 @@ def compute_run_id(model: str, plan_dict: Mapping | None, dkey: str, protocol: s
     return short_hash(key, 12), canonical_json(key)
 
 
-def expand_runs(spec: SweepSpec, data_keys: Mapping[DataSpec, str]) -> list[RunSpec]:
+def expand_runs(spec: SweepSpec, data_keys: Mapping[DataSpec, str], calibration_key: str | None = None) -> list[RunSpec]:
     """Expand a sweep into runs, grouped by model then data set, baselines first.
 
     Args:
         spec: the sweep.
         data_keys: :func:`data_key` of every ``spec.data`` entry's selected utterances.
+        calibration_key: the calibration set's :func:`~asrprune.overlap.fingerprint`; it enters
+            the run id of every plan pruned with a calibrated method (with the calibration
+            options), and only theirs (magnitude run ids stay as they were).
 
     Returns:
         Runs in execution order. Variants with identical plans (same run id) are kept once, under
@@ -636,7 +694,7 @@ def expand_runs(spec: SweepSpec, data_keys: Mapping[DataSpec, str]) -> list[RunS
                     key_opts = opts.run_key()
                     if spec.empty_reference != "skip":  # the default stays out: older ids stay valid
                         key_opts = {**key_opts, "empty_reference": spec.empty_reference}
-                    h, _ = compute_run_id(model, variant.plan_dict(), dkey, protocol, key_opts)
+                    h, _ = compute_run_id(model, _plan_key(variant, spec, calibration_key), dkey, protocol, key_opts)
                     bh, _ = compute_run_id(model, None, dkey, protocol, key_opts)
                     rid = f"{mname}__{slug(variant.name, 60)}__{d.display_name}__{protocol}__{h}"
                     brid = f"{mname}__{BASELINE}__{d.display_name}__{protocol}__{bh}"
@@ -657,6 +715,16 @@ def expand_runs(spec: SweepSpec, data_keys: Mapping[DataSpec, str]) -> list[RunS
                         )
                     )
     return out
+
+
+def _plan_key(variant: Variant, spec: SweepSpec, calibration_key: str | None) -> dict[str, Any] | None:
+    """What of a variant enters its run id: the plan, and the calibration of a calibrated one."""
+    d = variant.plan_dict()
+    if d is None or variant.plan.score not in CALIBRATED_SCORES:
+        return d
+    if calibration_key is None:
+        raise SweepSpecError(f"plan {variant.name}: score {variant.plan.score} needs the sweep's calibration set")
+    return {**d, "calibration": {"fingerprint": calibration_key, "options": spec.calibration_opts().to_dict()}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -741,7 +809,15 @@ def _pruning_summary(d: Mapping[str, Any]) -> dict[str, Any]:
         "overall": d.get("overall"),
         "notes": d.get("notes"),
         "elapsed_s": d.get("elapsed_s"),
+        **({"calibration": _calibration_summary(d["calibration"])} if d.get("calibration") else {}),
     }
+
+
+def _calibration_summary(c: Mapping[str, Any]) -> dict[str, Any]:
+    data = c.get("data") or {}
+    return {"method": c.get("method"), "order": c.get("order"), "options": c.get("options"),
+            "n_utterances": c.get("n_utterances"), "fingerprint": data.get("fingerprint"),
+            "source": data.get("source"), "n_tokens": c.get("n_tokens"), "warnings": len(c.get("warnings") or [])}
 
 
 class SweepRunner:
@@ -759,6 +835,7 @@ class SweepRunner:
         self._slot: _ModelSlot | None = None
         self._load_errors: dict[tuple[str, str, str], BaseException] = {}
         self._encoder_caches: dict[tuple, EncoderCache] = {}
+        self._calibration: dict[tuple, list] = {}  # (model key, calibration fingerprint, labels) -> examples
         self._hook = None  # the encoder-counting forward hook of the loaded model
         # counted by a forward hook on the encoder: forward calls, and the 30 s windows they ran
         # on (a CPU encodes one window per call, a GPU a whole batch)
@@ -795,6 +872,17 @@ class SweepRunner:
             self._hook = None
         self._slot = None
         self._encoder_caches.clear()
+        self._calibration.clear()
+
+    def calibration_examples(self, slot: _ModelSlot, calib: SpeechSet, options: CalibrationOptions) -> list:
+        """The calibration examples of ``calib`` for this model, built once (on the unpruned
+        model: greedy labels are the dense model's)."""
+        key = (slot.key, fingerprint(calib.utterances), options.labels)
+        if key not in self._calibration:
+            slot.restore()
+            self._calibration[key] = build_examples(slot.model, slot.processor, calib.utterances,
+                                                    spec=options.labels, progress=self.progress)
+        return self._calibration[key]
 
     def _count_encoder_call(self, module, args, output) -> None:
         self.encoder_calls += 1
@@ -839,8 +927,9 @@ class SweepRunner:
             atomic_write_text(out / SPEC_FILE, spec.to_yaml())
             speech_sets = {d: _read_data(d, spec) for d in spec.data}
             keys = {d: data_key(ss.utterances) for d, ss in speech_sets.items()}
+            calib = self._calibration_set(spec, speech_sets)
             update_study_json(out, _study_fields(spec, speech_sets), only_missing=("started",))
-            runs = expand_runs(spec, keys)
+            runs = expand_runs(spec, keys, None if calib is None else calib.key)
             summary = SweepSummary(out_dir=out, total=len(runs))
             done = latest_rows(read_jsonl(out / RUNS_FILE))
             todo: list[RunSpec] = []
@@ -859,7 +948,7 @@ class SweepRunner:
             )  # fmt: skip
             bar = tqdm(todo, desc=f"sweep {spec.name}", unit="run", disable=not self.progress)
             for run in bar:
-                row = self._execute(run, speech_sets[run.data], spec, out, done)
+                row = self._execute(run, speech_sets[run.data], spec, out, done, calib)
                 append_jsonl(out / RUNS_FILE, row)
                 done[run.run_id] = row
                 (summary.ran if row["status"] == "ok" else summary.failed).append(run.run_id)
@@ -870,7 +959,19 @@ class SweepRunner:
             _record_session(out, started_at, summary.wall_s)
         return summary
 
-    def _execute(self, run: RunSpec, speech_set, spec: SweepSpec, out: Path, done: Mapping) -> dict:
+    def _calibration_set(self, spec: SweepSpec, speech_sets: Mapping[DataSpec, SpeechSet]) -> "_Calibration | None":
+        """The sweep's calibration set, checked disjoint from every evaluation set (unless
+        ``allow_overlap``), when a plan needs it."""
+        if spec.calibration is None or not spec.calibrated:
+            return None
+        ss = _read_data(spec.calibration, spec)
+        overlap = check_disjoint(ss, list(speech_sets.values()), allow_overlap=spec.allow_overlap)
+        record = {**calibration_record(ss.utterances), "source": spec.calibration.source,
+                  "include": spec.calibration.include}
+        return _Calibration(ss, record["fingerprint"], record, spec.calibration_opts(), overlap.count)
+
+    def _execute(self, run: RunSpec, speech_set, spec: SweepSpec, out: Path, done: Mapping,
+                 calib: "_Calibration | None" = None) -> dict:
         """Run one run; always returns its row (``status`` ``failed`` with the error if it raised)."""
         run_dir = out / "runs" / run.run_id
         started_at, t0, c0 = now_iso(), time.perf_counter(), time.process_time()
@@ -910,8 +1011,16 @@ class SweepRunner:
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(run_dir / RUN_SPEC_FILE, {k: row[k] for k in row if k not in ("status", "error", "traceback")})
             row["pruning"] = None
+            calibration = calibration_of(run.model)  # a pruned model directory's own calibration
             if v.plan is not None:
-                full = prune_model(slot.model, v.plan).to_dict()
+                if v.plan.score in CALIBRATED_SCORES:
+                    examples = self.calibration_examples(slot, calib.speech_set, calib.options)
+                    full = prune_model(slot.model, v.plan, calibration=examples, options=calib.options,
+                                       progress=self.progress).to_dict()
+                    full["calibration"]["data"] = calib.record
+                    calibration = calib.record
+                else:
+                    full = prune_model(slot.model, v.plan).to_dict()
                 atomic_write_json(run_dir / "pruning.json", full)
                 row["pruning"] = _pruning_summary(full)
             row.update(sparsity_fields(slot.model))
@@ -930,6 +1039,8 @@ class SweepRunner:
                 data_name=run.data.display_name,
                 empty_reference=spec.empty_reference,
                 max_failed_fraction=spec.max_failed_fraction,
+                calibration=calibration,
+                allow_overlap=spec.allow_overlap,
             )
             row["summary"] = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
             row["encoder_cache_hits"] = None if cache is None else _cache_hits(cache) - hits_before
@@ -945,6 +1056,18 @@ class SweepRunner:
         row["wall_s"] = round(time.perf_counter() - t0, 3)
         row["cpu_s"] = round(time.process_time() - c0, 3)  # all threads of this process
         return row
+
+
+@dataclass(frozen=True)
+class _Calibration:
+    """A sweep's calibration set: the utterances, their fingerprint (the run-id key), the record
+    a pruned model keeps (:func:`~asrprune.overlap.calibration_record`) and the options."""
+
+    speech_set: SpeechSet
+    key: str
+    record: Mapping[str, Any]
+    options: CalibrationOptions
+    overlap: int
 
 
 def _cache_hits(cache) -> int:
