@@ -436,22 +436,38 @@ class InputStats:
         sq: ``(in_features,)`` sum over tokens of ``x_j ** 2`` (Wanda's ``||X_j||^2``).
         gram: ``(in_features, in_features)`` sum of ``x x^T`` (SparseGPT's ``H`` = gram / n),
             kept only when asked for.
+        total: ``(in_features,)`` sum of ``x_j`` (means and variances of the inputs: structured
+            importance and bias compensation).
     """
 
     n_tokens: int
     sq: Tensor
     gram: Tensor | None = None
+    total: Tensor | None = None
 
     @classmethod
     def empty(cls, n_features: int, *, gram: bool, device) -> "InputStats":
         return cls(0, torch.zeros(n_features, dtype=torch.float64, device=device),
-                   torch.zeros(n_features, n_features, dtype=torch.float64, device=device) if gram else None)
+                   torch.zeros(n_features, n_features, dtype=torch.float64, device=device) if gram else None,
+                   torch.zeros(n_features, dtype=torch.float64, device=device))
+
+    @property
+    def mean(self) -> Tensor:
+        """Mean input per feature (fp64)."""
+        return self.total / max(self.n_tokens, 1)
+
+    @property
+    def variance(self) -> Tensor:
+        """Variance of each input feature over the tokens (fp64, population)."""
+        return (self.sq / max(self.n_tokens, 1) - self.mean ** 2).clamp_min(0)
 
     def add(self, x: Tensor) -> None:
         """Add tokens ``x`` of shape ``(T, in_features)``."""
         x = x.detach().to(torch.float32)
         self.n_tokens += int(x.shape[0])
         self.sq += (x * x).sum(0).to(torch.float64)
+        if self.total is not None:
+            self.total += x.sum(0).to(torch.float64)
         if self.gram is not None:
             self.gram += (x.T @ x).to(torch.float64)
 
@@ -499,7 +515,7 @@ def sequential_pass(
     examples: Sequence[CalibrationExample],
     *,
     wanted: Iterable[str] | None = None,
-    gram: bool = False,
+    gram: bool | frozenset[str] = False,
     frames: str = "speech",
     on_layer: LayerCallback | None = None,
     progress: bool = True,
@@ -519,7 +535,8 @@ def sequential_pass(
         examples: calibration examples (never evaluation data).
         wanted: parameter-name prefixes of the modules whose statistics are needed (module names
             such as ``model.encoder.layers.0.fc1``); others are skipped.
-        gram: also accumulate the Gram matrix (SparseGPT's Hessian).
+        gram: also accumulate the Gram matrix (SparseGPT's Hessian); a set of module names: only
+            for those.
         frames: ``"speech"`` or ``"all"`` (:class:`CalibrationOptions`).
         on_layer: called after each layer's statistics are complete; ``None``: a dense pass.
         progress: a tqdm bar over layers.
@@ -548,7 +565,8 @@ def sequential_pass(
                     x = x[: limits[current[0]]]
                 st = stats.get(name)
                 if st is None:
-                    st = stats[name] = InputStats.empty(x.shape[-1], gram=gram, device=x.device)
+                    st = stats[name] = InputStats.empty(x.shape[-1], gram=gram if isinstance(gram, bool) else name in gram,
+                                                        device=x.device)
                 st.add(x)
             return hook
 
@@ -600,7 +618,8 @@ def sequential_pass(
     return stats
 
 
-def collect_input_stats(model, examples: Sequence[CalibrationExample], *, gram: bool, frames: str = "speech",
+def collect_input_stats(model, examples: Sequence[CalibrationExample], *, gram: bool | frozenset[str],
+                        frames: str = "speech",
                         wanted: Iterable[str] | None = None, progress: bool = True) -> dict[str, InputStats]:
     """The input statistics of every (wanted) linear module of the *dense* model, in one pass.
 

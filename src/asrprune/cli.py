@@ -677,6 +677,7 @@ def _run_prune(args) -> int:
     from .export import PRUNING_FILENAME, export_compressed, export_ctranslate2, save_pruned
     from .models import load_model, model_fingerprint
     from .prune import prune_model, untie_output_projection
+    from .structured import prune_structured
 
     formats = list(dict.fromkeys(args.formats or ["hf"]))
     if args.quantization is not None and "ctranslate2" not in formats:
@@ -688,10 +689,17 @@ def _run_prune(args) -> int:
         if args.mode is not None or args.score is not None:
             plan = PrunePlan.from_dict({**plan.to_dict(), **({"mode": args.mode} if args.mode else {}),
                                         **({"score": args.score} if args.score else {})})
-    if plan.score in CALIBRATED_SCORES and not args.calibration:
-        _parser(args).error(f"--score {plan.score} needs --calibration SOURCE[::ID_PATTERN] (never test data)")
-    if args.calibration and plan.score not in CALIBRATED_SCORES:
-        _parser(args).error(f"--calibration is for --score {' or '.join(CALIBRATED_SCORES)}; the plan's score is {plan.score}")
+    if args.repair is not None:
+        if not plan.structured:
+            _parser(args).error("--repair applies to structured entries (@neurons, @heads); the plan has none")
+        plan = dataclasses.replace(plan, repair=args.repair)
+    calibrated = plan.score in CALIBRATED_SCORES or (plan.structured and (plan.score != "magnitude" or plan.repair == "bias"))
+    if calibrated and not args.calibration:
+        what = f"--score {plan.score}" if plan.score != "magnitude" else "repair bias"
+        _parser(args).error(f"{what} needs --calibration SOURCE[::ID_PATTERN] (never test data)")
+    if args.calibration and not calibrated:
+        _parser(args).error(f"--calibration is for --score {' or '.join(CALIBRATED_SCORES)} (and the structured "
+                            f"scores, --repair bias); the plan's score is {plan.score}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} exists and is not a directory")
@@ -703,11 +711,15 @@ def _run_prune(args) -> int:
     examples, record = _calibration(args, model, processor, plan)
     if args.untie_proj_out:
         untie_output_projection(model)
-    result = prune_model(model, plan, calibration=examples, options=_calibration_options(args),
-                         progress=not args.no_progress)
+    if plan.structured:
+        result = prune_structured(model, plan, calibration=examples, options=_calibration_options(args),
+                                  progress=not args.no_progress)
+    else:
+        result = prune_model(model, plan, calibration=examples, options=_calibration_options(args),
+                             progress=not args.no_progress)
     pruning = result.to_dict()
     if record is not None:
-        pruning["calibration"]["data"] = record
+        pruning.setdefault("calibration", {})["data"] = record
     save_pruned(model, processor, out, pruning=pruning, source=str(args.model),
                 source_fingerprint=source_fp, overwrite=args.overwrite)
     written = {"hf": out}
@@ -733,6 +745,16 @@ def _run_prune(args) -> int:
 
 
 def _print_prune_result(result) -> None:
+    st = result.structure
+    if st is not None:
+        for r in st["removed"]:
+            print(f"{r['entry']:<40} {r['where']:<32} removed {len(r['removed'])} of {r['of']} {r['unit']}")
+        print(f"parameters: {st['params_before']:,} -> {st['params_after']:,} ({st['size_reduction']:.2%} fewer); "
+              f"{'the config describes the shapes' if st['config_expresses'] else 'per-layer shapes in config.json (load with asrprune)'}")
+        if not result.entries:
+            for note in result.notes:
+                print(f"note: {note}")
+            return
     width = max([len(e.selector) for e in result.entries] + [8])
     print(f"{'selector':<{width}}  {'scope':<9} {'tensors':>7} {'weights':>12} {'non-zero':>12} "
           f"{'requested':>9} {'measured':>9}")
@@ -763,6 +785,9 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", choices=LABEL_MODES, default=d["labels"].labels,
                    help="decoder tokens: reference transcripts or the dense model's greedy ones")
     _add_statistics_flags(p)
+    p.add_argument("--repair", choices=("none", "bias"), default=None,
+                   help="structured entries: bias adds the removed units' mean contribution to the next bias "
+                   "(FLAP's compensation; needs --calibration)")
     p.add_argument("--untie-proj-out", action="store_true",
                    help="give proj_out its own copy of the token embedding so that it can be pruned apart")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -7,6 +7,9 @@ Command-line form (``--plan``)::
     decoder.self_attn=0.5,encoder.layers[-4:]=0.5
     decoder.ffn=0.3@matrix            # scope per entry: @component (default) or @matrix
     decoder.ffn=2:4                   # N:M semi-structured pattern (sparsity 1 - N/M)
+    encoder.ffn=0.3@neurons           # structured: 30% of each selected layer's FFN neurons removed
+    decoder.self_attn=0.25@heads      # structured: round(0.25 * heads) heads of each attention removed
+    decoder.layers[1:-1]=drop         # structured: these layers removed (0.5@layers: half of them, by score)
 
 - Entries are separated by ``,`` or ``;`` or newlines. A ``,`` inside ``[...]``, ``(...)`` or
   ``{...}`` does not separate (so ``layers[0,2]`` and ``re:fc[12]{1,2}`` work). When an entry
@@ -37,6 +40,14 @@ Scopes:
   the same pooled threshold.
 - ``pattern: "N:M"``: keep N of every M consecutive weights along the input dimension of each
   matrix; the entry's scope does not apply (the pattern is per row group by construction).
+
+Units (``unit``, default ``weights``): ``neurons``, ``heads`` and ``layers`` remove whole
+structures (:mod:`asrprune.structured`): the matrices get smaller. They share the ``@`` slot with
+the scopes (an entry has a scope or a unit, never both), take no N:M pattern, and are ranked by
+the plan's score: ``magnitude`` (the norm of the unit's weights), ``wanda`` (activation-aware:
+the unit's output energy on calibration data), ``fluctuation`` (FLAP's variance of the unit's
+output) or ``loss`` (the calibration loss with the unit removed). ``to_dict()`` writes ``unit``
+only when it is not ``weights`` (older plans keep their form).
 """
 
 from __future__ import annotations
@@ -62,6 +73,8 @@ __all__ = [
     "PrunePlan",
     "SCOPES",
     "SCORES",
+    "UNITS",
+    "UNIT_SCORES",
     "check_dtype",
     "check_keys",
     "load_yaml",
@@ -83,7 +96,16 @@ SCOPES = ("component", "matrix", "row")
 MODES = ("per_entry", "global")
 DEFAULT_MODE = MODES[0]
 #: per-weight scores a plan may name
-SCORES = ("magnitude", "taylor", "obd", "fisher", "gradient", "wanda", "sparsegpt", "random", "custom")
+SCORES = ("magnitude", "taylor", "obd", "fisher", "gradient", "wanda", "sparsegpt", "random", "custom",
+          "fluctuation", "loss")
+#: what an entry removes: single weights (masks), or whole structures (smaller matrices)
+UNITS = ("weights", "neurons", "heads", "layers")
+#: how structured units can be ranked (magnitude: weight norm; wanda: output energy)
+UNIT_SCORES = ("magnitude", "wanda", "fluctuation", "loss")
+#: scores that rank only structured units
+STRUCTURED_ONLY_SCORES = ("fluctuation", "loss")
+#: what structured pruning may do after removing units (asrprune.structured)
+REPAIRS = ("none", "bias")
 #: the pruning methods that need a calibration pass (activations of the model being pruned)
 CALIBRATED_SCORES = ("wanda", "sparsegpt")
 #: which groupings (scopes) each score supports; the first is the default of an entry without one
@@ -202,6 +224,9 @@ class PlanEntry:
             (not given) takes the plan method's default grouping (component for magnitude, row
             for Wanda, matrix for SparseGPT).
         pattern: ``"N:M"`` semi-structured pattern or ``None``.
+        unit: ``"weights"`` (default), ``"neurons"``, ``"heads"`` or ``"layers"`` (module
+            docstring); a structured unit has no scope and no pattern; neurons and heads take a
+            sparsity below 1 (a layer keeps at least one), layers up to 1 (``drop``).
 
     Raises:
         PlanError (ValueError): on any invalid field, naming the field and the allowed values.
@@ -211,12 +236,30 @@ class PlanEntry:
     sparsity: float  # ``None`` is accepted with a pattern and replaced by 1 - N/M
     scope: str | None = None
     pattern: str | None = None
+    unit: str = "weights"
 
     def __post_init__(self) -> None:
         if not isinstance(self.selector, str) or not self.selector.strip():
             raise PlanError(f"plan entry selector must be a non-empty string, got {self.selector!r}")
         object.__setattr__(self, "selector", self.selector.strip())
         what = f"plan entry {self.selector!r}"
+        if self.unit not in UNITS:
+            raise PlanError(f"{what}: unit must be one of {', '.join(UNITS)}, got {self.unit!r}")
+        if self.unit != "weights":
+            if self.scope is not None:
+                raise PlanError(f"{what}: @{self.unit} and the scope {self.scope!r} share the '@' slot; "
+                                "a structured unit has no scope")
+            if self.pattern is not None:
+                raise PlanError(f"{what}: unit {self.unit} removes whole {self.unit}; it takes a fraction, "
+                                f"not the pattern {self.pattern}")
+            s = check_sparsity(self.sparsity, f"{what}: sparsity")
+            if s <= 0:
+                raise PlanError(f"{what}: removing 0 {self.unit} is no entry; give a fraction above 0")
+            if self.unit in ("neurons", "heads") and s >= 1:
+                raise PlanError(f"{what}: removing every {self.unit[:-1]} of a layer leaves nothing to compute; "
+                                f"give a fraction below 1 (to remove the layers, write {self.selector}=drop)")
+            object.__setattr__(self, "sparsity", s)
+            return
         if self.scope is not None and self.scope not in SCOPES:
             raise PlanError(f"{what}: scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
         if self.pattern is not None:
@@ -240,7 +283,8 @@ class PlanEntry:
 
     def _key(self) -> tuple:
         # an entry written without a scope equals the same entry with the default one
-        return (self.selector, self.sparsity, self.scope or "component", self.pattern)
+        return (self.selector, self.sparsity, (self.scope or "component") if self.unit == "weights" else None,
+                self.pattern, self.unit)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, PlanEntry) and self._key() == other._key()
@@ -256,15 +300,28 @@ class PlanEntry:
         n, m = self.pattern.split(":")
         return int(n), int(m)
 
+    @property
+    def structured(self) -> bool:
+        """Whether the entry removes whole structures (neurons, heads, layers)."""
+        return self.unit != "weights"
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON/YAML-able form; ``pattern`` only when set."""
+        """JSON/YAML-able form; ``pattern`` only when set, ``unit`` only when not ``weights``."""
+        if self.structured:
+            return {"selector": self.selector, "sparsity": self.sparsity, "unit": self.unit}
         d: dict[str, Any] = {"selector": self.selector, "sparsity": self.sparsity, "scope": self.scope or "component"}
         if self.pattern is not None:
             d["pattern"] = self.pattern
         return d
 
     def to_text(self) -> str:
-        """The CLI form: ``selector=0.5``, ``selector=0.5@matrix`` or ``selector=2:4``."""
+        """The CLI form: ``selector=0.5``, ``selector=0.5@matrix``, ``selector=2:4``,
+        ``selector=0.3@neurons`` or ``selector=drop``."""
+        if self.unit == "layers" and self.sparsity == 1.0:
+            return f"{self.selector}=drop"
+        if self.structured:
+            return f"{self.selector}={self.sparsity:g}@{self.unit}" if _short_ok(self.sparsity) else (
+                f"{self.selector}={self.sparsity!r}@{self.unit}")
         if self.pattern is not None:
             return f"{self.selector}={self.pattern}"
         scope = "" if self.scope in (None, "component") else f"@{self.scope}"
@@ -281,16 +338,21 @@ class PlanEntry:
         """
         if not isinstance(data, Mapping):
             raise PlanError(f"{where} must be a mapping with a selector and a sparsity, got {data!r}")
-        allowed = {"selector", "sparsity", "scope", "pattern"}
+        allowed = {"selector", "sparsity", "scope", "pattern", "unit"}
         check_keys(data, allowed, where)
         if "selector" not in data:
             raise PlanError(f"{where}: 'selector' is missing")
         pattern = data.get("pattern")
+        unit = str(data.get("unit") or "weights")
+        sparsity = data.get("sparsity")
+        if sparsity == "drop":
+            sparsity, unit = 1.0, "layers"
         return cls(
             selector=data["selector"],
-            sparsity=data.get("sparsity"),
+            sparsity=sparsity,
             scope=data.get("scope"),
             pattern=None if pattern is None else str(pattern),
+            unit=unit,
         )
 
 
@@ -334,7 +396,16 @@ def _parse_entry(item: str) -> PlanEntry:
         value, scope = (v.strip() for v in value.split("@", 1))
     if not selector.strip():
         raise PlanError(f"plan entry {item!r} has no selector before '='")
+    if value == "drop":
+        if scope is not None:
+            raise PlanError(f"plan entry {item!r}: 'drop' removes the selected layers; it takes no '@'")
+        return PlanEntry(selector, 1.0, unit="layers")
+    unit = "weights"
+    if scope in UNITS:
+        unit, scope = scope, None
     if ":" in value:
+        if unit != "weights":
+            raise PlanError(f"plan entry {item!r}: an N:M pattern prunes weights, not {unit}")
         return PlanEntry(selector, None, scope=scope, pattern=value)
     text = value[:-1] if value.endswith("%") else value
     try:
@@ -348,7 +419,7 @@ def _parse_entry(item: str) -> PlanEntry:
         raise PlanError(
             f"plan entry {item!r}: sparsities are fractions, write {sparsity / 100:g} for {value}"
         )
-    return PlanEntry(selector, sparsity, scope=scope)
+    return PlanEntry(selector, sparsity, scope=scope, unit=unit)
 
 
 @dataclass(frozen=True)
@@ -366,6 +437,9 @@ class PrunePlan:
             in results. It decides which groupings the entries may use (:func:`score_scopes`);
             an entry without a scope gets the method's default.
         name: optional label for reports.
+        repair: ``"none"`` or ``"bias"``: after removing structured units, add their mean
+            contribution on the calibration data to the next layer's bias (FLAP's compensation,
+            :mod:`asrprune.structured`); only for plans with structured entries.
 
     Raises:
         PlanError (ValueError): invalid fields, duplicate selectors, or a global plan whose
@@ -376,6 +450,7 @@ class PrunePlan:
     mode: str = DEFAULT_MODE
     score: str = "magnitude"
     name: str = ""
+    repair: str = "none"  # structured units: "bias" adds what removed units contributed on average
 
     def __post_init__(self) -> None:
         entries = self.entries
@@ -399,9 +474,26 @@ class PrunePlan:
             raise PlanError(f"plan score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if not isinstance(self.name, str):
             raise PlanError(f"plan name must be a string, got {self.name!r}")
+        if self.repair not in REPAIRS:
+            raise PlanError(f"plan repair must be one of {', '.join(REPAIRS)}, got {self.repair!r}")
+        if self.repair != "none" and not any(e.structured for e in entries):
+            raise PlanError(f"repair {self.repair!r} compensates removed structures; the plan has no @neurons/@heads entry")
         allowed = score_scopes(self.score)
         resolved = []
+        units = [e for e in entries if e.structured]
+        if units and self.score not in UNIT_SCORES:
+            raise PlanError(f"plan entry {units[0].selector!r}: {units[0].unit} are ranked by "
+                            f"{', '.join(UNIT_SCORES)}; score {self.score!r} cannot remove whole structures")
+        if units and self.mode == "global":
+            raise PlanError("mode 'global' pools one weight threshold; structured units take no global mode")
+        weights = [e for e in entries if not e.structured]
+        if weights and self.score in STRUCTURED_ONLY_SCORES:
+            raise PlanError(f"plan entry {weights[0].selector!r}: score {self.score!r} ranks structured units "
+                            "(@neurons, @heads, @layers) only; prune single weights by magnitude, wanda or sparsegpt")
         for e in entries:
+            if e.structured:
+                resolved.append(e)
+                continue
             if e.scope is None:
                 e = dataclasses.replace(e, scope=allowed[0])
             elif e.scope not in allowed and e.pattern is None:
@@ -431,6 +523,11 @@ class PrunePlan:
                     + ", ".join(f"{e.selector}={e.sparsity:g}" for e in entries)
                 )
 
+    @property
+    def structured(self) -> bool:
+        """Whether any entry removes whole structures (neurons, heads, layers)."""
+        return any(e.structured for e in self.entries)
+
     # -- construction ------------------------------------------------------------------------
 
     @classmethod
@@ -456,7 +553,7 @@ class PrunePlan:
         """
         if not isinstance(data, Mapping):
             raise PlanError(f"{source}: a plan must be a mapping with 'entries', got {type(data).__name__}")
-        allowed = {"entries", "mode", "score", "name"}
+        allowed = {"entries", "mode", "score", "name", "repair"}
         check_keys(data, allowed, source)
         if "entries" not in data:
             raise PlanError(f"{source}: 'entries' is missing")
@@ -478,6 +575,7 @@ class PrunePlan:
                 mode=data.get("mode", DEFAULT_MODE),
                 score=data.get("score", "magnitude"),
                 name=data.get("name", "") or "",
+                repair=data.get("repair", "none") or "none",
             )
         except PlanError as exc:
             msg = str(exc)
@@ -511,6 +609,8 @@ class PrunePlan:
         d: dict[str, Any] = {"mode": self.mode, "score": self.score}
         if self.name:
             d["name"] = self.name
+        if self.repair != "none":
+            d["repair"] = self.repair
         d["entries"] = [e.to_dict() for e in self.entries]
         return d
 

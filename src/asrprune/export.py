@@ -35,7 +35,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .files import apply_umask, atomic_write_text, env_stamp
-from .models import model_fingerprint, resolve_model_dir
+from .models import load_model, model_fingerprint, resolve_model_dir
+from .shapes import STRUCTURE_KEY, STRUCTURED_WEIGHTS, record_structure
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,12 @@ def save_pruned(
         raise ValueError(f"save_pruned: 'pruning' is not JSON-serialisable: {exc}") from exc
 
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    # shapes the config can express go into it; the rest beside, with weights plain
+    # transformers cannot mistake for its own (asrprune.shapes)
+    if record_structure(model) is None:
+        model.save_pretrained(out)
+    else:
+        _save_structured(model, out)
     if processor is not None:
         processor.save_pretrained(out)
     copied = _copy_side_files(_source_dir(source, processor), out)
@@ -486,7 +492,11 @@ def export_ctranslate2(
     from ctranslate2.converters import TransformersConverter
 
     copy_files = [name for name in _CT2_SIDE_FILES if (src / name).is_file()]
-    converter = TransformersConverter(str(src), copy_files=copy_files)
+    structure = json.loads((src / "config.json").read_text(encoding="utf-8")).get(STRUCTURE_KEY)
+    if structure is None:
+        converter = TransformersConverter(str(src), copy_files=copy_files)
+    else:
+        converter = _structured_converter(src, structure, copy_files)
     # The converter writes into a fresh directory; convert next to out_dir, then move in, so
     # that an existing out_dir (overwrite=True) keeps nothing stale and a crash leaves no half dir.
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -503,6 +513,49 @@ def export_ctranslate2(
         shutil.move(str(staged), str(out))
     log.info("exported CTranslate2 model to %s (quantization=%s)", out, quantization)
     return out
+
+
+def _save_structured(model, out: Path) -> None:
+    """Config, generation config and :data:`~asrprune.shapes.STRUCTURED_WEIGHTS` (the tied
+    output projection stored once, as ``save_pretrained`` does)."""
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(out)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+    state = model.state_dict()
+    if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
+        state.pop("proj_out.weight", None)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(out / STRUCTURED_WEIGHTS),
+              metadata={"format": "pt"})
+
+
+def _structured_converter(src: Path, structure: Mapping[str, Any], copy_files: list[str]):
+    """The CTranslate2 converter for a model whose layers differ in shape (asrprune.shapes).
+
+    CTranslate2's Whisper spec has one head count per side and derives the head size from it,
+    so removed heads cannot be expressed; FFN widths are read from each layer's weights, so
+    per-layer widths can, once the model is loaded by asrprune (plain transformers cannot).
+    """
+    from ctranslate2.converters import TransformersConverter
+
+    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    heads = {"encoder": config["encoder_attention_heads"], "decoder": config["decoder_attention_heads"]}
+    for side in ("encoder", "decoder"):
+        for i, row in enumerate(structure[side]):
+            for key in ("self_heads", "cross_heads"):
+                if key in row and row[key] != heads[side]:
+                    raise ValueError(
+                        f"{src}: {side} layer {i} keeps {row[key]} of {heads[side]} {key.split('_')[0]}-attention heads; "
+                        "CTranslate2's Whisper spec has one head count per side and derives the head size from it, "
+                        "so a model with removed heads cannot be exported to CTranslate2 (it runs in PyTorch "
+                        "through asrprune.load_model)")
+
+    class Converter(TransformersConverter):
+        def load_model(self, model_class, model_name_or_path, **kwargs):
+            return load_model(model_name_or_path)[0]
+
+    return Converter(str(src), copy_files=copy_files)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -675,6 +728,9 @@ def _read_safetensors_dir(src: Path) -> dict[str, torch.Tensor]:
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     elif (src / "model.safetensors").is_file():
         files = ["model.safetensors"]
+    elif (src / STRUCTURED_WEIGHTS).is_file():
+        raise ValueError(f"{src} is structurally pruned (its matrices are smaller, {STRUCTURED_WEIGHTS}); "
+                         "the compressed form stores the zeros of unstructured sparsity and does not apply")
     else:
         raise FileNotFoundError(f"{src} has no model.safetensors (or index): not a save_pretrained "
                                 "model directory")

@@ -29,6 +29,7 @@ import torch
 
 from . import hub
 from .config import check_dtype
+from .shapes import STRUCTURE_KEY, STRUCTURED_WEIGHTS, apply_structure_
 from .ct2_checkpoint import (
     CONVERSION_FILE,
     CONVERSION_VERSION,
@@ -287,8 +288,11 @@ def load_model(
     source = resolve_model_dir(spec, trust_pickle=trust_pickle)
 
     def from_pretrained(**kwargs):
-        model = WhisperForConditionalGeneration.from_pretrained(
-            source, dtype=dtype_, use_safetensors=None if trust_pickle else True, **kwargs)
+        if isinstance(source, Path) and _recorded_structure(source) is not None:
+            model = _load_restructured(source, dtype_)
+        else:
+            model = WhisperForConditionalGeneration.from_pretrained(
+                source, dtype=dtype_, use_safetensors=None if trust_pickle else True, **kwargs)
         return model, WhisperProcessor.from_pretrained(source, **kwargs)
 
     if isinstance(source, Path):
@@ -327,6 +331,44 @@ def load_model(
     model.eval()
     model.name_or_path = str(spec)
     return model, processor
+
+
+def _recorded_structure(path: Path) -> dict | None:
+    config = path / "config.json"
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text(encoding="utf-8")).get(STRUCTURE_KEY)
+
+
+def _load_restructured(path: Path, dtype: torch.dtype):
+    """A structurally pruned checkpoint whose shapes the config cannot express
+    (:mod:`asrprune.shapes`): build the model from its config, give it the recorded shapes, then
+    load the safetensors weights strictly (every tensor present, every shape equal)."""
+    from safetensors.torch import load_file
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    config = WhisperConfig.from_pretrained(path)
+    model = WhisperForConditionalGeneration(config)
+    apply_structure_(model, getattr(config, STRUCTURE_KEY))
+    weights = path / STRUCTURED_WEIGHTS
+    if not weights.is_file():
+        raise OSError(f"{path}: config.json records {STRUCTURE_KEY} but {STRUCTURED_WEIGHTS} is missing")
+    state = load_file(str(weights))
+    tied = {"proj_out.weight"} if config.tie_word_embeddings else set()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise OSError(f"{path}: the weights do not fit the recorded structure (missing {missing[:3]}, "
+                      f"unexpected {unexpected[:3]})")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    from transformers import GenerationConfig
+
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:
+        pass
+    return model.to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------

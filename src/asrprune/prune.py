@@ -359,6 +359,7 @@ class PruneResult:
     notes: tuple[str, ...] = field(default=())
     elapsed_s: float = 0.0
     calibration: dict | None = None
+    structure: dict | None = None  # what structured pruning removed (asrprune.structured)
 
     @property
     def overall_sparsity(self) -> float:
@@ -392,6 +393,7 @@ class PruneResult:
             "notes": list(self.notes),
             "elapsed_s": self.elapsed_s,
             **({"calibration": self.calibration} if self.calibration is not None else {}),
+            **({"structure": self.structure} if self.structure is not None else {}),
         }
 
 
@@ -552,6 +554,11 @@ def prune_model(
             method, scores of the wrong shape or with NaN, an N:M pattern that does not divide a
             matrix's input dimension.
     """
+    if plan.structured:
+        raise PlanError(
+            f"{', '.join(e.to_text() for e in plan.entries if e.structured)} removes whole structures: "
+            "prune with asrprune.structured.prune_structured (the CLI and sweeps do)"
+        )
     if plan.score in CALIBRATED_SCORES:
         return _prune_calibrated(model, plan, calibration, options or CalibrationOptions(), progress, input_stats)
     if scorer is None:

@@ -594,6 +594,86 @@ def _method_figures(keyed: Mapping[tuple, list[dict]], baselines: Mapping, out_d
     return images
 
 
+def structure_blocks(study: Study, out_dir: Path) -> list[Block]:
+    """Where a study has structurally pruned variants (or several models): a table per data set
+    of size, measured throughput and WER, with the paired comparison against the model's own
+    dense baseline and against the sweep's reference model (``reference_model``, e.g. dense
+    tiny.en), and the Pareto figure (WER against throughput and against parameters)."""
+    ok = [r for r in study.runs if _ok(r)]
+    if not any(r.get("structure") for r in ok):
+        return []
+    blocks: list[Block] = []
+    keyed: "OrderedDict[tuple, list[dict]]" = OrderedDict()
+    for r in ok:
+        keyed.setdefault((r.get("protocol"), r.get("dataset")), []).append(r)
+    images = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, ((protocol, dataset), rs) in enumerate(keyed.items()):
+        body = []
+        for r in sorted(rs, key=lambda r: (str(r.get("model")), normalise_group(r.get("group")) != "baseline")):
+            st = r.get("structure") or {}
+            thr = ((r["summary"].get("throughput") or {}).get("audio_seconds_per_second"))
+            ci = r["summary"].get("wer_ci")
+            wer = _pct(r["summary"].get("wer")) + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "")
+            own, p_own = _delta_cell(comparison(r))
+            ref = r.get("comparison_reference")
+            ref_c = None if not ref else {"delta": ref.get("delta"), "ci": ref.get("ci"), "p": ref.get("p")}
+            vref, p_ref = _delta_cell(ref_c)
+            body.append([str(r.get("model")), str(r.get("condition") or r.get("variant")),
+                         f"{int(r.get('total_params') or 0):,}",
+                         "—" if not st else f"{100 * float(st.get('size_reduction', 0)):.1f}",
+                         "—" if thr is None else f"{float(thr):.2f}", wer, own, p_own, vref, p_ref])
+        blocks.append(("h3", f"Structure: {dataset}, {protocol} protocol"))
+        blocks.append(Table(["model", "condition", "parameters", "size −%", "audio-s/s", "WER % [95% CI]",
+                             "Δ vs own dense [95% CI]", "p", "Δ vs reference model [95% CI]", "p"], body,
+                            "Structured variants remove neurons, heads or layers (smaller matrices). audio-s/s is "
+                            "the throughput measured during the run (machine load included; "
+                            "benchmarks/bench_structured.py measures speed side by side)."))
+        path = out_dir / ("pareto.png" if i == 0 else f"pareto_{i}.png")
+        pareto_figure([{"series": str(r.get("model")), "label": str(r.get("variant")),
+                        "throughput": (r["summary"].get("throughput") or {}).get("audio_seconds_per_second") or 0,
+                        "size": int(r.get("total_params") or 0) / 1e6, "wer": float(r["summary"]["wer"])} for r in rs],
+                      path, title=str(dataset), size_label="parameters (millions)")
+        images.append(Image(path, f"Pareto: WER against throughput and parameters, {dataset}",
+                            f"WER against throughput and against parameters ({dataset}, {protocol} protocol)."))
+    return blocks + images
+
+
+def pareto_figure(points: Sequence[Mapping], path: Path, *, title: str, size_label: str) -> Path:
+    """Two panels, WER (log scale) against throughput and against size, one colour per series.
+
+    Args:
+        points: ``{"series", "label", "throughput" (audio s/s), "size", "wer" (fraction)}``.
+        path: the PNG to write.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
+    for series in dict.fromkeys(p["series"] for p in points):
+        pts = [p for p in points if p["series"] == series]
+        ys = [100 * float(p["wer"]) for p in pts]
+        for ax, key in zip(axes, ("throughput", "size")):
+            xs = [float(p[key]) for p in pts]
+            ax.scatter(xs, ys, label=series)
+            for x, y, p in zip(xs, ys, pts):
+                ax.annotate(str(p["label"]), (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    axes[0].set_xlabel("throughput (audio seconds per second)")
+    axes[1].set_xlabel(size_label)
+    for ax in axes:
+        ax.set_ylabel("WER (%), log scale")
+        ax.set_yscale("log")
+        ax.grid(True, alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
 def sensitivity_blocks(study: Study) -> list[Block]:
     """Heatmaps, the diagnostics' rank correlations with the measured ablation, and rankings."""
     blocks: list[Block] = []
@@ -716,6 +796,10 @@ def build_blocks(study: Study, img_dir: Path) -> list[Block]:
     if mb:
         blocks.append(("h2", "Methods"))
         blocks += mb
+    sb = structure_blocks(study, img_dir)
+    if sb:
+        blocks.append(("h2", "Structure: size, speed and WER"))
+        blocks += sb
     ft = failed_table(study)
     if ft:
         blocks.append(("h3", "Failed runs"))

@@ -91,6 +91,7 @@ from .models import load_model, model_fingerprint
 from .export import calibration_of
 from .overlap import calibration_record, check_disjoint, fingerprint
 from .prune import WeightSnapshot, measure_model, prune_model
+from .structured import prune_structured
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +242,7 @@ class Variant:
     condition: str | None = None
     selector: str | None = None
     paper_key: str | None = None
+    models: tuple[str, ...] | None = None  # if set: only these of the sweep's models
 
     LABEL_FIELDS = ("group", "target_sparsity", "note", "condition", "selector", "paper_key")
 
@@ -277,7 +279,7 @@ def _plan_from_obj(obj: Any, where: str, *, base_dir: Path | None = None) -> Pru
     raise SweepSpecError(f"{where}: a plan must be a string, a YAML path or a mapping, got {obj!r}")
 
 
-_VARIANT_KEYS = ("name", "plan", "file", "protocols", *Variant.LABEL_FIELDS)
+_VARIANT_KEYS = ("name", "plan", "file", "protocols", "models", *Variant.LABEL_FIELDS)
 
 
 def _variant_from_obj(obj: Any, index: int, *, base_dir: Path | None) -> Variant:
@@ -298,6 +300,7 @@ def _variant_from_obj(obj: Any, index: int, *, base_dir: Path | None) -> Variant
     plan = None if src is None else _plan_from_obj(src, f"{where} ({obj['name']})", base_dir=base_dir)
     ts = obj.get("target_sparsity")
     protocols = obj.get("protocols")
+    models = obj.get("models")
     return Variant(
         name=str(obj["name"]),
         plan=plan,
@@ -308,6 +311,7 @@ def _variant_from_obj(obj: Any, index: int, *, base_dir: Path | None) -> Variant
         condition=obj.get("condition"),
         selector=obj.get("selector"),
         paper_key=obj.get("paper_key"),
+        models=None if models is None else tuple(str(m) for m in _as_tuple(models, f"{where}.models")),
     )
 
 
@@ -351,12 +355,13 @@ class SweepSpec:
     calibration: DataSpec | None = None
     calibration_options: Mapping[str, Any] = field(default_factory=dict)
     allow_overlap: bool = False
+    reference_model: str | None = None
 
     YAML_KEYS = (
         "name", "models", "data", "plans", "selectors", "sparsities", "scope", "protocols",
         "baseline_protocols", "baseline", "decode", "limit", "sample", "seed", "encoder_cache",
         "empty_reference", "max_failed_fraction", "trust_pickle", "calibration", "calibration_options",
-        "allow_overlap",
+        "allow_overlap", "reference_model",
     )  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -387,6 +392,10 @@ class SweepSpec:
         for v in self.plans:
             if not isinstance(v, Variant):
                 raise SweepSpecError(f"sweep: plan {v!r} is not a Variant")
+            unknown = [m for m in v.models or () if m not in self.models
+                       and m not in {model_display_name(x) for x in self.models}]
+            if unknown:
+                raise SweepSpecError(f"sweep: plan {v.name}: models {unknown} are not among the sweep's models")
             for p in v.protocols or ():
                 if p not in PROTOCOLS:
                     raise SweepSpecError(f"sweep: plan {v.name}: protocol {p!r} unknown")
@@ -413,11 +422,14 @@ class SweepSpec:
         if self.calibration is not None and not isinstance(self.calibration, DataSpec):
             raise SweepSpecError(f"sweep: calibration {self.calibration!r} is not a DataSpec")
         self.calibration_opts()  # validates calibration_options
+        if self.reference_model is not None and self.reference_model not in self.models:
+            raise SweepSpecError(f"sweep: reference_model {self.reference_model!r} is not one of the models "
+                                 f"({', '.join(self.models)}); list it (first, so its baselines run first)")
         if not isinstance(self.allow_overlap, bool):
             raise SweepSpecError(f"sweep: allow_overlap must be true or false, got {self.allow_overlap!r}")
         if self.calibration is None:
             for v in self.plans:
-                if v.plan is not None and v.plan.score in CALIBRATED_SCORES:
+                if needs_calibration(v.plan):
                     raise SweepSpecError(
                         f"sweep: plan {v.name} prunes with score {v.plan.score}, which needs calibration data: "
                         "add 'calibration: {source: ..., include: ..., limit: ...}' (never test data)")
@@ -454,7 +466,7 @@ class SweepSpec:
     @property
     def calibrated(self) -> bool:
         """Whether any plan needs the calibration set."""
-        return any(v.plan is not None and v.plan.score in CALIBRATED_SCORES for v in self.plans)
+        return any(needs_calibration(v.plan) for v in self.plans)
 
     @property
     def all_protocols(self) -> tuple[str, ...]:
@@ -537,6 +549,11 @@ class SweepSpec:
             kwargs["calibration"] = DataSpec.from_obj(obj["calibration"], base_dir=bd)
         if obj.get("calibration_options") is not None:
             kwargs["calibration_options"] = dict(obj["calibration_options"])
+        if obj.get("reference_model") is not None:
+            ref = str(obj["reference_model"])
+            if bd is not None and not Path(ref).is_absolute() and (bd / ref).exists():
+                ref = str((bd / ref).resolve())
+            kwargs["reference_model"] = ref
         for key in ("scope", "baseline", "limit", "sample", "seed", "encoder_cache", "name", "empty_reference",
                     "max_failed_fraction", "trust_pickle", "allow_overlap"):
             if key in obj and obj[key] is not None:
@@ -569,6 +586,8 @@ class SweepSpec:
                     d[k] = getattr(v, k)
             if v.protocols is not None:
                 d["protocols"] = list(v.protocols)
+            if v.models is not None:
+                d["models"] = list(v.models)
             plans.append(d)
         out: dict[str, Any] = {
             "name": self.name,
@@ -594,6 +613,8 @@ class SweepSpec:
             out["calibration"] = self.calibration.to_obj()
             out["calibration_options"] = self.calibration_opts().to_dict()
             out["allow_overlap"] = self.allow_overlap
+        if self.reference_model is not None:
+            out["reference_model"] = self.reference_model
         return out
 
     def to_yaml(self) -> str:
@@ -628,6 +649,7 @@ class RunSpec:
     protocol: str
     options: Mapping[str, Any]  # DecodeOptions as a dict (protocol included)
     baseline_run_id: str
+    reference_run_id: str | None = None  # the reference model's baseline on the same data and protocol
 
     @property
     def is_baseline(self) -> bool:
@@ -686,6 +708,8 @@ def expand_runs(spec: SweepSpec, data_keys: Mapping[DataSpec, str], calibration_
         for d in spec.data:
             dkey = data_keys[d]
             for variant in variants:
+                if variant.models is not None and model not in variant.models and mname not in variant.models:
+                    continue
                 protocols = variant.protocols if variant.protocols is not None else spec.protocols
                 for protocol in protocols:
                     opts = decode_options(protocol, spec.decode)
@@ -698,6 +722,10 @@ def expand_runs(spec: SweepSpec, data_keys: Mapping[DataSpec, str], calibration_
                     bh, _ = compute_run_id(model, None, dkey, protocol, key_opts)
                     rid = f"{mname}__{slug(variant.name, 60)}__{d.display_name}__{protocol}__{h}"
                     brid = f"{mname}__{BASELINE}__{d.display_name}__{protocol}__{bh}"
+                    ref_id = None
+                    if spec.reference_model is not None and model != spec.reference_model:
+                        rh, _ = compute_run_id(spec.reference_model, None, dkey, protocol, key_opts)
+                        ref_id = f"{model_display_name(spec.reference_model)}__{BASELINE}__{d.display_name}__{protocol}__{rh}"
                     if h in seen:
                         log.info("run %s duplicates %s (same plan); kept once", rid, seen[h])
                         continue
@@ -712,15 +740,24 @@ def expand_runs(spec: SweepSpec, data_keys: Mapping[DataSpec, str], calibration_
                             protocol=protocol,
                             options=options,
                             baseline_run_id=brid,
+                            reference_run_id=ref_id,
                         )
                     )
     return out
 
 
+def needs_calibration(plan: PrunePlan | None) -> bool:
+    """Whether pruning ``plan`` reads calibration data: Wanda, SparseGPT, and structured units
+    ranked by activations or loss or repaired."""
+    if plan is None:
+        return False
+    return plan.score in CALIBRATED_SCORES or (plan.structured and (plan.score != "magnitude" or plan.repair != "none"))
+
+
 def _plan_key(variant: Variant, spec: SweepSpec, calibration_key: str | None) -> dict[str, Any] | None:
     """What of a variant enters its run id: the plan, and the calibration of a calibrated one."""
     d = variant.plan_dict()
-    if d is None or variant.plan.score not in CALIBRATED_SCORES:
+    if d is None or not needs_calibration(variant.plan):
         return d
     if calibration_key is None:
         raise SweepSpecError(f"plan {variant.name}: score {variant.plan.score} needs the sweep's calibration set")
@@ -837,6 +874,7 @@ class SweepRunner:
         self._encoder_caches: dict[tuple, EncoderCache] = {}
         self._calibration: dict[tuple, list] = {}  # (model key, calibration fingerprint, labels) -> examples
         self._hook = None  # the encoder-counting forward hook of the loaded model
+        self._reload = False  # the last run changed shapes: load the model afresh
         # counted by a forward hook on the encoder: forward calls, and the 30 s windows they ran
         # on (a CPU encodes one window per call, a GPU a whole batch)
         self.encoder_calls = 0
@@ -851,7 +889,7 @@ class SweepRunner:
             raise self._load_errors[key]
         slot = self._slot
         if slot is None or slot.key != key:
-            self._release()
+            self._release(keep_caches=slot is None)
             log.info("loading model %s (%s, %s)", spec, device, dtype)
             try:
                 model, processor = load_model(spec, device=device, dtype=dtype, trust_pickle=trust_pickle)
@@ -865,14 +903,16 @@ class SweepRunner:
             slot.restore()
         return slot
 
-    def _release(self) -> None:
-        """Forget the loaded model: remove its hook, drop it and its encoder caches."""
+    def _release(self, *, keep_caches: bool = False) -> None:
+        """Forget the loaded model: remove its hook, drop it and (unless ``keep_caches``: the
+        same model is reloaded after a shape change) its encoder caches and calibration examples."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
         self._slot = None
-        self._encoder_caches.clear()
-        self._calibration.clear()
+        if not keep_caches:
+            self._encoder_caches.clear()
+            self._calibration.clear()
 
     def calibration_examples(self, slot: _ModelSlot, calib: SpeechSet, options: CalibrationOptions) -> list:
         """The calibration examples of ``calib`` for this model, built once (on the unpruned
@@ -1013,14 +1053,22 @@ class SweepRunner:
             row["pruning"] = None
             calibration = calibration_of(run.model)  # a pruned model directory's own calibration
             if v.plan is not None:
-                if v.plan.score in CALIBRATED_SCORES:
+                examples = None
+                if needs_calibration(v.plan):
                     examples = self.calibration_examples(slot, calib.speech_set, calib.options)
-                    full = prune_model(slot.model, v.plan, calibration=examples, options=calib.options,
-                                       progress=self.progress).to_dict()
-                    full["calibration"]["data"] = calib.record
                     calibration = calib.record
+                if v.plan.structured:  # shapes change: the model is reloaded for the next run
+                    self._reload = True
+                    result = prune_structured(slot.model, v.plan, calibration=examples, options=calib.options if calib else None,
+                                              progress=self.progress)
                 else:
-                    full = prune_model(slot.model, v.plan).to_dict()
+                    result = prune_model(slot.model, v.plan, calibration=examples,
+                                         options=calib.options if calib else None, progress=self.progress)
+                full = result.to_dict()
+                if examples is not None:
+                    full.setdefault("calibration", {})["data"] = calib.record
+                row["structure"] = None if result.structure is None else {
+                    k: result.structure[k] for k in ("params_before", "params_after", "size_reduction", "config_expresses")}
                 atomic_write_json(run_dir / "pruning.json", full)
                 row["pruning"] = _pruning_summary(full)
             row.update(sparsity_fields(slot.model))
@@ -1045,10 +1093,15 @@ class SweepRunner:
             row["summary"] = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
             row["encoder_cache_hits"] = None if cache is None else _cache_hits(cache) - hits_before
             row["comparison"] = None if run.is_baseline else _compare_with_baseline(out, run, done)
+            if run.reference_run_id is not None:  # e.g. a pruned base against dense tiny.en
+                row["comparison_reference"] = _compare_with_baseline(out, run, done, baseline_id=run.reference_run_id)
             row["status"] = "ok"
         except Exception as exc:  # noqa: BLE001 - a failed run is recorded and the sweep goes on
             row["error"] = f"{type(exc).__name__}: {exc}"
             row["traceback"] = traceback.format_exc()
+        if self._reload:
+            self._release(keep_caches=True)
+            self._reload = False
         row["encoder_calls"] = self.encoder_calls - calls_before
         row["encoder_windows"] = self.encoder_windows - windows_before
         row["started_at"] = started_at
@@ -1080,17 +1133,19 @@ def _cache_hits(cache) -> int:
     return 0
 
 
-def _compare_with_baseline(out: Path, run: RunSpec, done: Mapping[str, Mapping]) -> dict[str, Any] | None:
-    base_row = done.get(run.baseline_run_id)
-    base_dir = out / "runs" / run.baseline_run_id
+def _compare_with_baseline(out: Path, run: RunSpec, done: Mapping[str, Mapping], *,
+                           baseline_id: str | None = None) -> dict[str, Any] | None:
+    baseline_id = baseline_id or run.baseline_run_id
+    base_row = done.get(baseline_id)
+    base_dir = out / "runs" / baseline_id
     if base_row is None or base_row.get("status") != "ok" or not (base_dir / "summary.json").exists():
-        log.warning("run %s: baseline %s not available; no paired comparison", run.run_id, run.baseline_run_id)
+        log.warning("run %s: baseline %s not available; no paired comparison", run.run_id, baseline_id)
         return None
     comp = compare(base_dir, out / "runs" / run.run_id)
     d = comp.to_dict()
     # The keys of the study layout first (docs/architecture.md), then everything compare gives.
     return {
-        "baseline_run_id": run.baseline_run_id,
+        "baseline_run_id": baseline_id,
         "delta": d.get("delta_wer"),
         "ci": d.get("delta_ci"),
         "p": d.get("p_value"),
