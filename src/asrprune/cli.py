@@ -472,6 +472,7 @@ def _add_sweep(sub) -> None:
     p.add_argument("spec", type=Path, help="sweep spec YAML (see asrprune.sweep.SweepSpec)")
     p.add_argument("--out", type=Path, required=True, help="sweep directory (created; resumed if it exists)")
     p.add_argument("--retry-failed", action="store_true", help="also rerun runs that failed before")
+    _add_early_stop_flags(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_sweep)
 
@@ -482,12 +483,13 @@ def _run_sweep(args) -> int:
     prepare_out_dir(args.out, create=False)  # a file there is refused before any slow step
 
     spec = SweepSpec.from_yaml(args.spec)
+    spec = dataclasses.replace(spec, early_stop=_early_stop(args, spec.early_stop))
     summary = run_sweep(spec, args.out, retry_failed=args.retry_failed, progress=not args.no_progress)
     d = summary.to_dict()
     print(
         f"sweep {spec.name}: {d['total']} runs; ran {d['ran']}, already finished {d['skipped_finished']}, "
-        f"failed {d['failed']}, failed earlier and not retried {d['skipped_failed']} "
-        f"({d['wall_s']:.0f} s); results in {args.out / 'runs.jsonl'}"
+        f"failed {d['failed']}, failed earlier and not retried {d['skipped_failed']}, "
+        f"collapsed (stopped early) {d['collapsed']} ({d['wall_s']:.0f} s); results in {args.out / 'runs.jsonl'}"
     )
     for run_id in d["failed_run_ids"]:
         print(f"  failed: {run_id} (see its row in runs.jsonl; rerun with --retry-failed)")
@@ -513,6 +515,9 @@ def _add_decode_flags(p: argparse.ArgumentParser, *, study: bool) -> None:
     p.add_argument("--max-new-tokens", type=_positive_int, default=d["max_new_tokens"],
                    help="cap on generated tokens per 30 s window; bounds the time a collapsed, "
                    "hallucinating variant takes" + ("; every stage of the study uses it" if study else ""))
+    p.add_argument("--stop-repetitions", type=_positive_int, default=d["stop_repetitions"], metavar="K",
+                   help="end a hypothesis once one n-gram (n <= 8) repeats K times in a row (off by default; "
+                   "it lowers the WER of looping hypotheses and is recorded with the result)")
 
 
 def _decode_options(args, protocol: str = "standard", **more):
@@ -520,7 +525,7 @@ def _decode_options(args, protocol: str = "standard", **more):
     from .decoding import DecodeOptions
 
     fields = {"batch_size": args.batch_size, "dtype": args.dtype, "device": args.device,
-              "max_new_tokens": args.max_new_tokens, **more}
+              "max_new_tokens": args.max_new_tokens, "stop_repetitions": args.stop_repetitions, **more}
     return DecodeOptions(protocol=protocol, **fields)
 
 
@@ -561,6 +566,7 @@ def _add_reproduce(sub) -> None:
     p.add_argument("--measured-budget", type=_positive_int, default=d["measured_budget"],
                    help="whole-plan checks of SparseGPT's measured allocation (at least 2)")
     _add_statistics_flags(p)
+    _add_early_stop_flags(p)
     p.add_argument("--protocols", type=_protocol_list, default=d["protocols"],
                    help="protocols of the pruned runs (baselines run under both)")
     p.add_argument("--target", type=_fraction, default=d["target"],
@@ -601,9 +607,35 @@ def _study_spec(args):
         retry_failed=args.retry_failed, encoder_cache=args.encoder_cache,
         sensitivity=SensitivityOptions(ablation_sparsities=tuple(args.ablation_sparsities)),
         empty_reference=args.empty_reference, max_failed_fraction=args.max_failed_fraction,
-        trust_pickle=args.trust_pickle, measured_budget=args.measured_budget,
+        trust_pickle=args.trust_pickle, measured_budget=args.measured_budget, early_stop=_early_stop(args),
         calibration_options=CalibrationOptions(frames=args.frames, damp=args.damp, block_size=args.block_size),
     )
+
+
+def _add_early_stop_flags(p: argparse.ArgumentParser) -> None:
+    """Early stop of collapsed variants (``asrprune.early_stop``; on by default)."""
+    from .early_stop import EarlyStopOptions
+
+    d = _field_defaults(EarlyStopOptions)
+    p.add_argument("--no-early-stop", action="store_true",
+                   help="decode every utterance of every variant (a rerun with it completes collapsed runs)")
+    p.add_argument("--early-stop-threshold", type=_fraction, default=None,
+                   help=f"stop a variant once the paired {100 * d['confidence']:g}%% interval of its ΔWER lies above "
+                   f"this (fraction; default {d['threshold']:g} = +{100 * d['threshold']:g} points)")
+    p.add_argument("--early-stop-min", type=_positive_int, default=None,
+                   help=f"utterances scored before the first decision (default {d['min_utterances']})")
+
+
+def _early_stop(args, spec_value=True):
+    """The early-stop setting of the flags (``spec_value``: a sweep file's own)."""
+    if args.no_early_stop:
+        return False
+    fields = {k: v for k, v in (("threshold", args.early_stop_threshold), ("min_utterances", args.early_stop_min))
+              if v is not None}
+    if not fields:
+        return spec_value
+    base = spec_value if isinstance(spec_value, dict) else {}
+    return {**base, **fields}
 
 
 def _run_reproduce(args) -> int:

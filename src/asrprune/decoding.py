@@ -118,6 +118,12 @@ class DecodeOptions:
             default ``None`` = detect).
         num_workers: threads that load and resample audio ahead of the decoder (0 = inline).
         long_form_batch_size: utterances per long-form (> 30 s) ``generate`` call.
+        stop_repetitions: end a hypothesis (with end-of-text) once its last tokens are one n-gram
+            (n <= :data:`REPETITION_MAX_NGRAM`) repeated this many times in a row; ``None`` (the
+            default) never does. A loop then costs a few tokens instead of the token cap, and the
+            looping hypothesis keeps its first repetitions only, so its insertions, and with them
+            the WER of a collapsed model, fall: the option changes results and is recorded
+            (short-form decoding; long-form keeps transformers' own loop).
 
     Raises:
         ValueError: naming the bad field and the allowed values.
@@ -132,8 +138,12 @@ class DecodeOptions:
     language: str | None = None
     num_workers: int = 2
     long_form_batch_size: int = 4
+    stop_repetitions: int | None = None
 
     def __post_init__(self) -> None:
+        if self.stop_repetitions is not None and (isinstance(self.stop_repetitions, bool) or not isinstance(
+                self.stop_repetitions, int) or self.stop_repetitions < 2):
+            raise ValueError(f"stop_repetitions must be an integer >= 2 or None, got {self.stop_repetitions!r}")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {list(PROTOCOLS)}, got {self.protocol!r}")
         object.__setattr__(self, "dtype", check_dtype(self.dtype))
@@ -176,6 +186,8 @@ class DecodeOptions:
             "device_type": self.resolved_device().type,
             "max_new_tokens": self.max_new_tokens,
             "language": self.language,
+            # only when set: older run keys stay valid
+            **({"stop_repetitions": self.stop_repetitions} if self.stop_repetitions is not None else {}),
         }
 
 
@@ -412,6 +424,36 @@ def loaded_batches(
             yield batch, [f.result() for f in futures]
 
 
+REPETITION_MAX_NGRAM = 8
+
+
+class _RepetitionStop:
+    """Force end-of-text on a sequence whose last ``k * n`` tokens are one n-gram repeated ``k``
+    times (n = 1..``max_n``), counting only generated tokens (``DecodeOptions.stop_repetitions``)."""
+
+    def __init__(self, repeats: int, eos_id: int, *, max_n: int = REPETITION_MAX_NGRAM):
+        self.k, self.eos, self.max_n = int(repeats), int(eos_id), int(max_n)
+        self.begin_index: int | None = None
+
+    def set_begin_index(self, begin_index: int) -> None:
+        self.begin_index = begin_index
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        gen = input_ids[:, (self.begin_index or 0):]
+        hit = torch.zeros(gen.shape[0], dtype=torch.bool, device=gen.device)
+        for n in range(1, self.max_n + 1):
+            span = n * self.k
+            if gen.shape[1] < span:
+                break
+            tail = gen[:, -span:].reshape(gen.shape[0], self.k, n)
+            hit |= (tail == tail[:, :1]).all(-1).all(-1)
+        if bool(hit.any()):
+            scores = scores.clone()
+            scores[hit] = -float("inf")
+            scores[hit, self.eos] = 0.0
+        return scores
+
+
 class _SuppressTokens:
     """transformers' ``SuppressTokens(AtBegin)LogitsProcessor`` with its vocabulary mask built once.
 
@@ -494,6 +536,9 @@ class Decoder:
         if kwargs.get("num_beams", 1) > 1:
             kwargs = {**kwargs, "cache": self._beam_cache()}
         processors = []
+        if self.options.stop_repetitions is not None:
+            eos = self.model.generation_config.eos_token_id
+            processors.append(_RepetitionStop(self.options.stop_repetitions, eos[0] if isinstance(eos, list) else eos))
         if self.suppress:
             processors.append(_SuppressTokens(self.suppress))
         if self.begin_suppress:

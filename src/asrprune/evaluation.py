@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .audio import AudioError
+from .early_stop import EarlyStop
 from .decoding import SAMPLING_RATE, DecodeOptions, Decoder, EncoderCache, generate_kwargs, loaded_batches
 from .files import OutputLock, append_jsonl, atomic_write_json, atomic_write_text, env_stamp, prepare_out_dir, read_json, read_jsonl
 from .manifests import Utterance
@@ -200,6 +201,8 @@ def load_result(out_dir: str | os.PathLike) -> WerResult:
     stats = _summarize(rows, bootstrap_n=bs.get("n_resamples", 1000), bootstrap_seed=bs.get("seed", 0),
                        bootstrap_speakers=bs.get("unit") == "speaker", empty_reference=policy)
     merged = {**stats, **{k: v for k, v in summary.items() if k not in stats}}
+    if summary.get("status") == "collapsed":  # stopped early: its rows are an interim sample
+        merged.update({k: None for k in ("wer", "cer", "wer_ci", "cer_ci")})
     return _result_from(merged, rows, out_dir)
 
 
@@ -210,8 +213,8 @@ def _result_from(summary: dict, rows: list[dict], out_dir: Path | None) -> WerRe
     return WerResult(
         wer=num(summary["wer"]),
         cer=num(summary["cer"]),
-        wer_ci=tuple(num(x) for x in summary["wer_ci"]),
-        cer_ci=tuple(num(x) for x in summary["cer_ci"]),
+        wer_ci=tuple(num(x) for x in (summary["wer_ci"] or (None, None))),
+        cer_ci=tuple(num(x) for x in (summary["cer_ci"] or (None, None))),
         counts=ErrorCounts(**{k: summary["counts"][k] for k in (f.name for f in dataclasses.fields(ErrorCounts))}),
         n_utterances=summary["n_utterances"],
         n_failed=summary["n_failed"],
@@ -552,6 +555,7 @@ def evaluate(
     selection: Mapping | None = None,
     calibration: Mapping | None = None,
     allow_overlap: bool = False,
+    early_stop: "EarlyStop | None" = None,
 ) -> WerResult:
     """Transcribe and score a speech set; write results as they go; resume an interrupted run.
 
@@ -593,6 +597,11 @@ def evaluate(
             ``calibration``, :func:`asrprune.overlap.calibration_record`): the evaluation set must
             not overlap it (ids or identical audio), unless ``allow_overlap`` (recorded).
         allow_overlap: evaluate despite such an overlap.
+        early_stop: stop a hopeless run early (:class:`asrprune.early_stop.EarlyStop`, built on
+            the baseline's rows; sweeps and studies pass one, ``asrprune evaluate`` never does):
+            the batches are decoded in a seeded random order and, once the decision is made, the
+            summary has ``status: "collapsed"``, ``wer`` null and the interim statistics under
+            ``collapsed``; a rerun without it completes the remaining utterances.
 
     Returns:
         :class:`WerResult` with rows in input order.
@@ -625,6 +634,7 @@ def evaluate(
             overwrite=overwrite, bootstrap_n=bootstrap_n, bootstrap_seed=bootstrap_seed,
             bootstrap_speakers=bootstrap_speakers, empty_reference=empty_reference,
             max_failed_fraction=max_failed_fraction, selection=selection, calibration_overlap=overlap,
+            early_stop=early_stop,
         )
 
 
@@ -633,7 +643,8 @@ def _evaluate(model, processor, utterances, options: DecodeOptions, *, out_path:
               normalizer_name: str | None, model_spec: str | None, data_name: str | None, data_fp: str | None,
               manifest_errors: Sequence, overwrite: bool, bootstrap_n: int, bootstrap_seed: int,
               bootstrap_speakers: bool, empty_reference: str, max_failed_fraction: float | None,
-              selection: Mapping | None, calibration_overlap: Mapping | None = None) -> WerResult:
+              selection: Mapping | None, calibration_overlap: Mapping | None = None,
+              early_stop: "EarlyStop | None" = None) -> WerResult:
     """:func:`evaluate` with the output folder locked."""
     if hasattr(utterances, "utterances"):
         data_name = data_name or getattr(utterances, "name", None)
@@ -706,7 +717,12 @@ def _evaluate(model, processor, utterances, options: DecodeOptions, *, out_path:
     per_call = options.utterances_per_batch
     batches = [short[i:i + per_call] for i in range(0, len(short), per_call)]
     step = options.long_form_batch_size
+    if early_stop is not None:  # batches in a seeded random order: each look sees a random sample
+        batches = early_stop.order(batches)
     batches += [known_long[i:i + step] for i in range(0, len(known_long), step)]
+    collapsed = None
+    if early_stop is not None and done:  # a resumed run may have enough already
+        collapsed = early_stop.check(list(done.values()), len(utterances))
     long_queue: list[tuple[Utterance, np.ndarray]] = []
     new_rows: list[dict] = []
     audio_seconds = 0.0
@@ -753,8 +769,9 @@ def _evaluate(model, processor, utterances, options: DecodeOptions, *, out_path:
             })
         return rows
 
+    feed = loaded_batches(batches if collapsed is None else [], options.num_workers)
     try:
-        for batch, loaded in loaded_batches(batches, options.num_workers):
+        for batch, loaded in feed:
             failed, ok_utts, ok_audio = [], [], []
             for utt, audio in zip(batch, loaded):
                 if isinstance(audio, AudioError):
@@ -771,12 +788,23 @@ def _evaluate(model, processor, utterances, options: DecodeOptions, *, out_path:
             if ok_utts:
                 audio_seconds += sum(len(a) for a in ok_audio) / SAMPLING_RATE
                 emit(score_batch(ok_utts, ok_audio, long_form=False))
+            known = len(done) + len(new_rows)
+            if early_stop is not None and early_stop.due(known):
+                collapsed = early_stop.check(list(done.values()) + new_rows, len(utterances))
+                if collapsed is not None:
+                    log.warning("stopped early after %d of %d utterances: ΔWER %+.2f points [%+.2f, %+.2f] > +%.0f "
+                                "(collapsed)", collapsed["n_scored"], len(utterances), 100 * collapsed["delta"],
+                                100 * collapsed["ci"][0], 100 * collapsed["ci"][1], 100 * collapsed["threshold"])
+                    break
         long_queue.sort(key=lambda x: -len(x[1]))
+        if collapsed is not None:
+            long_queue = []
         for i in range(0, len(long_queue), step):
             chunk = long_queue[i:i + step]
             audio_seconds += sum(len(a) for _, a in chunk) / SAMPLING_RATE
             emit(score_batch([u for u, _ in chunk], [a for _, a in chunk], long_form=True))
     finally:
+        feed.close()
         bar.close()
     wall = time.perf_counter() - t0
 
@@ -784,10 +812,13 @@ def _evaluate(model, processor, utterances, options: DecodeOptions, *, out_path:
     rows = [by_id[i] for i in ids if i in by_id]
     stats = _summarize(rows, bootstrap_n=bootstrap_n, bootstrap_seed=bootstrap_seed,
                        bootstrap_speakers=bootstrap_speakers, empty_reference=empty_reference)
-    error = _failure(stats, len(rows), max_failed_fraction)
+    error = None if collapsed is not None else _failure(stats, len(rows), max_failed_fraction)
+    if collapsed is not None:  # never a full-set WER: the interim decision instead
+        stats = {**stats, "wer": None, "cer": None, "wer_ci": None, "cer_ci": None}
     summary = {
-        "status": "failed" if error else "ok",
+        "status": "collapsed" if collapsed is not None else "failed" if error else "ok",
         "error": error,
+        "collapsed": collapsed,
         **{k: stats[k] for k in ("wer", "cer", "wer_ci", "cer_ci", "n_utterances", "n_failed")},
         "n_total": len(rows),
         "n_manifest_errors": len(manifest_errors),

@@ -159,6 +159,19 @@ def _ok(row: Mapping) -> bool:
     return row.get("status") == "ok" and isinstance(row.get("summary"), Mapping)
 
 
+def _collapsed(row: Mapping) -> bool:
+    """Stopped early as collapsed (:mod:`asrprune.early_stop`): interim statistics, no WER."""
+    return row.get("status") == "collapsed" and isinstance(row.get("collapsed"), Mapping)
+
+
+def collapsed_cells(c: Mapping) -> tuple[str, str, str]:
+    """(WER cell, Δ cell, p cell) of a collapsed run: never a full-set WER."""
+    return (f"collapsed (stopped after {c['n_scored']} of {c['n_total']} utterances)",
+            f"> +{100 * float(c['threshold']):g} (interim {_signed(float(c['delta']))} "
+            f"[{_signed(float(c['ci'][0]))}, {_signed(float(c['ci'][1]))}], {100 * float(c['confidence']):g}% CI)",
+            _p(c.get("p")))
+
+
 def normalise_group(group: str | None) -> str:
     g = re.sub(r"[^a-z0-9]+", "_", str(group or "").lower()).strip("_")
     return _GROUP_ALIASES.get(g, g)
@@ -327,6 +340,8 @@ def main_tables(study: Study) -> list[tuple[str, Table]]:
                 r = cells[key].get(d)
                 if r is None:
                     line += ["—", "—", "—"]
+                elif _collapsed(r):
+                    line += list(collapsed_cells(r["collapsed"]))
                 elif not _ok(r):
                     line += ["failed", "—", "—"]
                 else:
@@ -528,11 +543,15 @@ def method_blocks(study: Study, out_dir: Path) -> list[Block]:
         rs = sorted(rs, key=lambda r: (r.get("pattern") is not None, float(r["target_sparsity"]), order[r["method"]]))
         body = []
         for r in rs:
+            level = "2:4" if r.get("pattern") else f"{100 * float(r['target_sparsity']):g}%"
+            if r.get("collapsed"):
+                wer, vd, pd = collapsed_cells(r["collapsed"])
+                body.append([r["label"], level, _pct(r.get("sparsity_linear"), 1), wer, vd, pd, "—", "—"])
+                continue
             ci = r.get("wer_ci")
             wer = _pct(r.get("wer")) + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "")
             vd, pd = _delta_cell(r.get("vs_dense"))
             vg, pg = _delta_cell(r.get("vs_global"))
-            level = "2:4" if r.get("pattern") else f"{100 * float(r['target_sparsity']):g}%"
             body.append([r["label"], level, _pct(r.get("sparsity_linear"), 1), wer, vd, pd, vg, pg])
         base = baselines.get((model, protocol, dataset))
         dense = f"; dense {_pct(base['summary']['wer'])}%" if base else ""
@@ -564,6 +583,8 @@ def _method_figures(keyed: Mapping[tuple, list[dict]], baselines: Mapping, out_d
             base = baselines.get((model, protocol, dataset))
             lines: "OrderedDict[str, list[dict]]" = OrderedDict()
             for r in rs:
+                if r.get("wer") is None:  # collapsed: no full-set WER to draw
+                    continue
                 lines.setdefault(r["label"] + (" 2:4" if r.get("pattern") else ""), []).append(r)
             for label, pts in lines.items():
                 pts = sorted(pts, key=lambda r: float(r["target_sparsity"]))
@@ -749,7 +770,7 @@ def plan_check_table(study: Study) -> Table | None:
 
 
 def failed_table(study: Study) -> Table | None:
-    failed = [r for r in study.runs if not _ok(r)]
+    failed = [r for r in study.runs if not _ok(r) and not _collapsed(r)]
     if not failed:
         return None
     rows = [[str(r.get("run_id", "?")), str(r.get("condition") or r.get("group") or "?"),

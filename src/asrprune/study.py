@@ -419,6 +419,8 @@ class StudySpec:
             too many failed utterances fail a run (:func:`asrprune.evaluation.evaluate`).
         trust_pickle: also load a pickle checkpoint (``pytorch_model.bin``).
         measured_budget: whole-plan checks of the measured allocation (at least 2).
+        early_stop: stop collapsed variants early (:mod:`asrprune.early_stop`): ``True``
+            (default options), ``False`` or a mapping of :class:`EarlyStopOptions` fields.
         calibration_options: how Wanda and SparseGPT see the calibration set (its labels follow
             ``sensitivity``'s).
     """
@@ -445,6 +447,7 @@ class StudySpec:
     trust_pickle: bool = False
     measured_budget: int = MEASURED_BUDGET
     calibration_options: CalibrationOptions = field(default_factory=CalibrationOptions)
+    early_stop: Any = True
 
     def __post_init__(self) -> None:
         data = tuple(DataSpec.from_obj(d) for d in (self.data if not isinstance(self.data, (str, DataSpec)) else [self.data]))
@@ -502,6 +505,7 @@ class StudySpec:
             empty_reference=self.empty_reference,
             max_failed_fraction=self.max_failed_fraction,
             trust_pickle=self.trust_pickle,
+            early_stop=self.early_stop,
             **self._calibration_fields(variants),
         )
 
@@ -720,10 +724,10 @@ class _Study:
         from .files import latest_rows, read_jsonl
 
         groups = {m[1]: m for m in METHODS}
-        rows = [r for r in latest_rows(read_jsonl(self.out / "runs.jsonl")).values() if r.get("status") == "ok"]
+        rows = [r for r in latest_rows(read_jsonl(self.out / "runs.jsonl")).values() if r.get("status") in ("ok", "collapsed")]
         method_rows = [r for r in rows if r.get("group") in groups or str(r.get("group", "")).removesuffix("_2of4") in groups]
         glob = {(r["model"], r["dataset"], r["protocol"], round(float(r["target_sparsity"]), 4)): r
-                for r in method_rows if r.get("group") == "global"}
+                for r in method_rows if r.get("group") == "global" and r["status"] == "ok"}
         out_rows = []
         for r in method_rows:
             g = str(r["group"])
@@ -733,10 +737,10 @@ class _Study:
             base = groups[g.removesuffix("_2of4")]
             entry.update({"method": base[0], "label": base[2], "score": base[3], "pattern": "2:4" if nm else None,
                           "wer": r["summary"].get("wer"), "wer_ci": r["summary"].get("wer_ci"),
-                          "vs_dense": _cmp_fields(r.get("comparison"))})
+                          "vs_dense": _cmp_fields(r.get("comparison")), "collapsed": r.get("collapsed")})
             ref = glob.get((r["model"], r["dataset"], r["protocol"], round(float(r["target_sparsity"]), 4)))
             entry["vs_global"] = None
-            if ref is not None and ref["run_id"] != r["run_id"]:
+            if ref is not None and ref["run_id"] != r["run_id"] and r["status"] == "ok":
                 c = compare(self.out / ref["run_dir"], self.out / r["run_dir"]).to_dict()
                 entry["vs_global"] = {"global_run_id": ref["run_id"], **_cmp_fields(c)}
             out_rows.append(entry)

@@ -70,6 +70,7 @@ from tqdm.auto import tqdm
 from .calibration import CalibrationOptions, LabelSpec, build_examples
 from .config import CALIBRATED_SCORES, PROTOCOLS, SCOPES, PlanEntry, PrunePlan, check_keys, check_sparsity, load_yaml
 from .decoding import DecodeOptions, DiskEncoderCache, EncoderCache
+from .early_stop import EarlyStop, EarlyStopOptions
 from .evaluation import EMPTY_REFERENCE_POLICIES, compare, evaluate
 from .files import (
     OutputBusyError,
@@ -356,12 +357,13 @@ class SweepSpec:
     calibration_options: Mapping[str, Any] = field(default_factory=dict)
     allow_overlap: bool = False
     reference_model: str | None = None
+    early_stop: Any = True  # True (defaults), False (off) or a mapping of EarlyStopOptions fields
 
     YAML_KEYS = (
         "name", "models", "data", "plans", "selectors", "sparsities", "scope", "protocols",
         "baseline_protocols", "baseline", "decode", "limit", "sample", "seed", "encoder_cache",
         "empty_reference", "max_failed_fraction", "trust_pickle", "calibration", "calibration_options",
-        "allow_overlap", "reference_model",
+        "allow_overlap", "reference_model", "early_stop",
     )  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -422,6 +424,10 @@ class SweepSpec:
         if self.calibration is not None and not isinstance(self.calibration, DataSpec):
             raise SweepSpecError(f"sweep: calibration {self.calibration!r} is not a DataSpec")
         self.calibration_opts()  # validates calibration_options
+        try:
+            EarlyStopOptions.from_obj(self.early_stop)
+        except (TypeError, ValueError) as exc:
+            raise SweepSpecError(f"sweep: {exc}") from None
         if self.reference_model is not None and self.reference_model not in self.models:
             raise SweepSpecError(f"sweep: reference_model {self.reference_model!r} is not one of the models "
                                  f"({', '.join(self.models)}); list it (first, so its baselines run first)")
@@ -555,7 +561,7 @@ class SweepSpec:
                 ref = str((bd / ref).resolve())
             kwargs["reference_model"] = ref
         for key in ("scope", "baseline", "limit", "sample", "seed", "encoder_cache", "name", "empty_reference",
-                    "max_failed_fraction", "trust_pickle", "allow_overlap"):
+                    "max_failed_fraction", "trust_pickle", "allow_overlap", "early_stop"):
             if key in obj and obj[key] is not None:
                 kwargs[key] = obj[key]
         if "baseline" in kwargs and not isinstance(kwargs["baseline"], bool):
@@ -615,6 +621,8 @@ class SweepSpec:
             out["allow_overlap"] = self.allow_overlap
         if self.reference_model is not None:
             out["reference_model"] = self.reference_model
+        opts = EarlyStopOptions.from_obj(self.early_stop)
+        out["early_stop"] = False if opts is None else (True if opts == EarlyStopOptions() else opts.to_dict())
         return out
 
     def to_yaml(self) -> str:
@@ -779,6 +787,7 @@ class SweepSummary:
     skipped: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     skipped_failed: list[str] = field(default_factory=list)
+    collapsed: list[str] = field(default_factory=list)  # stopped early (this call or before)
     wall_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -789,6 +798,7 @@ class SweepSummary:
             "skipped_finished": len(self.skipped),
             "failed": len(self.failed),
             "skipped_failed": len(self.skipped_failed),
+            "collapsed": len(self.collapsed),
             "failed_run_ids": self.failed + self.skipped_failed,
             "wall_s": round(self.wall_s, 2),
         }
@@ -973,10 +983,17 @@ class SweepRunner:
             summary = SweepSummary(out_dir=out, total=len(runs))
             done = latest_rows(read_jsonl(out / RUNS_FILE))
             todo: list[RunSpec] = []
+            stop = EarlyStopOptions.from_obj(spec.early_stop)
             for run in runs:
                 row = done.get(run.run_id)
                 if row is not None and row.get("status") == "ok":
                     summary.skipped.append(run.run_id)
+                elif row is not None and row.get("status") == "collapsed":
+                    if stop is not None:  # decided; rerun with early_stop false to complete it
+                        summary.skipped.append(run.run_id)
+                        summary.collapsed.append(run.run_id)
+                    else:
+                        todo.append(run)
                 elif row is not None and not retry_failed:
                     summary.skipped_failed.append(run.run_id)
                 else:
@@ -988,11 +1005,13 @@ class SweepRunner:
             )  # fmt: skip
             bar = tqdm(todo, desc=f"sweep {spec.name}", unit="run", disable=not self.progress)
             for run in bar:
-                row = self._execute(run, speech_sets[run.data], spec, out, done, calib)
+                row = self._execute(run, speech_sets[run.data], spec, out, done, calib, stop)
                 append_jsonl(out / RUNS_FILE, row)
                 done[run.run_id] = row
-                (summary.ran if row["status"] == "ok" else summary.failed).append(run.run_id)
-                if row["status"] != "ok":
+                (summary.ran if row["status"] in ("ok", "collapsed") else summary.failed).append(run.run_id)
+                if row["status"] == "collapsed":
+                    summary.collapsed.append(run.run_id)
+                elif row["status"] != "ok":
                     log.error("run %s failed: %s", run.run_id, row.get("error"))
         summary.wall_s = time.perf_counter() - t0
         if record_time:
@@ -1011,7 +1030,7 @@ class SweepRunner:
         return _Calibration(ss, record["fingerprint"], record, spec.calibration_opts(), overlap.count)
 
     def _execute(self, run: RunSpec, speech_set, spec: SweepSpec, out: Path, done: Mapping,
-                 calib: "_Calibration | None" = None) -> dict:
+                 calib: "_Calibration | None" = None, stop: EarlyStopOptions | None = None) -> dict:
         """Run one run; always returns its row (``status`` ``failed`` with the error if it raised)."""
         run_dir = out / "runs" / run.run_id
         started_at, t0, c0 = now_iso(), time.perf_counter(), time.process_time()
@@ -1075,7 +1094,8 @@ class SweepRunner:
             row["encoder_touched"] = slot.encoder_changed()
             cache = self.encoder_cache(slot, run.data_key, spec.encoder_cache, out)
             hits_before = _cache_hits(cache)
-            evaluate(
+            early = None if run.is_baseline else _early_stop(out, run, done, stop)
+            result = evaluate(
                 slot.model,
                 slot.processor,
                 speech_set,
@@ -1089,13 +1109,20 @@ class SweepRunner:
                 max_failed_fraction=spec.max_failed_fraction,
                 calibration=calibration,
                 allow_overlap=spec.allow_overlap,
+                early_stop=early,
             )
             row["summary"] = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
             row["encoder_cache_hits"] = None if cache is None else _cache_hits(cache) - hits_before
-            row["comparison"] = None if run.is_baseline else _compare_with_baseline(out, run, done)
-            if run.reference_run_id is not None:  # e.g. a pruned base against dense tiny.en
-                row["comparison_reference"] = _compare_with_baseline(out, run, done, baseline_id=run.reference_run_id)
-            row["status"] = "ok"
+            row["early_stop"] = None if early is None else early.options.to_dict()
+            if result.summary.get("status") == "collapsed":
+                row["collapsed"] = result.summary["collapsed"]
+                row["comparison"] = None
+                row["status"] = "collapsed"
+            else:
+                row["comparison"] = None if run.is_baseline else _compare_with_baseline(out, run, done)
+                if run.reference_run_id is not None:  # e.g. a pruned base against dense tiny.en
+                    row["comparison_reference"] = _compare_with_baseline(out, run, done, baseline_id=run.reference_run_id)
+                row["status"] = "ok"
         except Exception as exc:  # noqa: BLE001 - a failed run is recorded and the sweep goes on
             row["error"] = f"{type(exc).__name__}: {exc}"
             row["traceback"] = traceback.format_exc()
@@ -1109,6 +1136,18 @@ class SweepRunner:
         row["wall_s"] = round(time.perf_counter() - t0, 3)
         row["cpu_s"] = round(time.process_time() - c0, 3)  # all threads of this process
         return row
+
+
+def _early_stop(out: Path, run: RunSpec, done: Mapping[str, Mapping], stop: EarlyStopOptions | None) -> EarlyStop | None:
+    """The early stop of a pruned run, built on its baseline's rows (None: off, or no baseline)."""
+    if stop is None:
+        return None
+    base_row = done.get(run.baseline_run_id)
+    path = out / "runs" / run.baseline_run_id / "utterances.jsonl"
+    if base_row is None or base_row.get("status") != "ok" or not path.is_file():
+        log.info("run %s: no finished baseline, so no early stop", run.run_id)
+        return None
+    return EarlyStop(read_jsonl(path), stop)
 
 
 @dataclass(frozen=True)
