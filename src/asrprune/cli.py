@@ -473,6 +473,7 @@ def _add_sweep(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="sweep directory (created; resumed if it exists)")
     p.add_argument("--retry-failed", action="store_true", help="also rerun runs that failed before")
     _add_early_stop_flags(p)
+    _add_executor_flags(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_sweep)
 
@@ -484,7 +485,8 @@ def _run_sweep(args) -> int:
 
     spec = SweepSpec.from_yaml(args.spec)
     spec = dataclasses.replace(spec, early_stop=_early_stop(args, spec.early_stop))
-    summary = run_sweep(spec, args.out, retry_failed=args.retry_failed, progress=not args.no_progress)
+    summary = run_sweep(spec, args.out, retry_failed=args.retry_failed, progress=not args.no_progress,
+                        executor=_executor(args))
     d = summary.to_dict()
     print(
         f"sweep {spec.name}: {d['total']} runs; ran {d['ran']}, already finished {d['skipped_finished']}, "
@@ -567,6 +569,7 @@ def _add_reproduce(sub) -> None:
                    help="whole-plan checks of SparseGPT's measured allocation (at least 2)")
     _add_statistics_flags(p)
     _add_early_stop_flags(p)
+    _add_executor_flags(p)
     p.add_argument("--protocols", type=_protocol_list, default=d["protocols"],
                    help="protocols of the pruned runs (baselines run under both)")
     p.add_argument("--target", type=_fraction, default=d["target"],
@@ -612,6 +615,33 @@ def _study_spec(args):
     )
 
 
+def _add_executor_flags(p: argparse.ArgumentParser, *, shards: bool = False) -> None:
+    """Where the runs run: here (default) or on a Ray cluster (``asrprune[ray]``)."""
+    from .executor import EXECUTORS
+
+    p.add_argument("--executor", choices=EXECUTORS, default=EXECUTORS[0],
+                   help="local: one run after another here; ray: Ray workers (pip install 'asrprune[ray]')")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (ray start --head prints it; 'auto' joins a local one); "
+                   "when not given: a Ray started on this machine")
+    p.add_argument("--ray-workers", type=_positive_int, default=None, help="Ray workers (default: as resources allow)")
+    p.add_argument("--ray-worker-cpus", type=float, default=1.0, help="CPUs per Ray worker (its torch threads)")
+    p.add_argument("--ray-worker-gpus", type=float, default=0.0, help="GPUs per Ray worker (1 on a GPU cluster)")
+    if shards:
+        p.add_argument("--shards", type=_positive_int, default=None,
+                       help="with --executor ray: split the utterances over this many workers at batch "
+                       "boundaries (the result equals a single-process run)")
+
+
+def _executor(args):
+    if getattr(args, "executor", "local") != "ray":
+        return None
+    from .executor import RayExecutor
+
+    return RayExecutor(address=args.address, workers=args.ray_workers, num_cpus=args.ray_worker_cpus,
+                       num_gpus=args.ray_worker_gpus)
+
+
 def _add_early_stop_flags(p: argparse.ArgumentParser) -> None:
     """Early stop of collapsed variants (``asrprune.early_stop``; on by default)."""
     from .early_stop import EarlyStopOptions
@@ -644,7 +674,8 @@ def _run_reproduce(args) -> int:
 
     prepare_out_dir(args.out, create=False)  # a file there is refused before any slow step
 
-    result = reproduce(_study_spec(args), args.out, progress=not args.no_progress, report=not args.no_report)
+    result = reproduce(_study_spec(args), args.out, progress=not args.no_progress, report=not args.no_report,
+                       executor=_executor(args))
     d = result.to_dict()
     for name, info in d["stages"].items():
         line = f"{name}: {info.get('status')}" + (f" ({info['wall_s']:.0f} s)" if info.get("wall_s") is not None else "")
@@ -1090,6 +1121,7 @@ def _add_evaluate(sub) -> None:
     _add_scoring_flags(p)
     _add_encoding(p)
     _add_trust_pickle(p)
+    _add_executor_flags(p, shards=True)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_evaluate)
 
@@ -1114,8 +1146,16 @@ def _run_evaluate(args) -> int:
         raise ValueError(f"{args.data}: no utterances selected (check --include/--exclude/--limit)")
     model, processor = load_model(args.model, device=options.resolved_device(), dtype=options.dtype,
                                   trust_pickle=args.trust_pickle)
+    decode_batches = None
+    executor = _executor(args)
+    if args.shards and executor is None:
+        _parser(args).error("--shards splits an evaluation over Ray workers; add --executor ray")
+    if executor is not None:
+        decode_batches = executor.batch_runner(str(args.model), options, args.shards,
+                                               empty_reference=args.empty_reference)
     result = evaluate(
         model, processor, speech_set, options, out_dir=args.out, progress=not args.no_progress,
+        decode_batches=decode_batches,
         model_spec=str(args.model), overwrite=args.overwrite, bootstrap_n=args.bootstrap_n,
         bootstrap_speakers=args.bootstrap_speakers, empty_reference=args.empty_reference,
         max_failed_fraction=args.max_failed_fraction,

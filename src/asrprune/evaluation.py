@@ -556,6 +556,7 @@ def evaluate(
     calibration: Mapping | None = None,
     allow_overlap: bool = False,
     early_stop: "EarlyStop | None" = None,
+    decode_batches: Callable | None = None,
 ) -> WerResult:
     """Transcribe and score a speech set; write results as they go; resume an interrupted run.
 
@@ -602,6 +603,10 @@ def evaluate(
             the batches are decoded in a seeded random order and, once the decision is made, the
             summary has ``status: "collapsed"``, ``wer`` null and the interim statistics under
             ``collapsed``; a rerun without it completes the remaining utterances.
+        decode_batches: decode the batches elsewhere: called once with every batch (lists of
+            utterances, as this function forms them), returns their rows batch by batch
+            (:func:`asrprune.executor.sharded_batches`: workers of a Ray cluster). Resume, scoring
+            and the summary stay here.
 
     Returns:
         :class:`WerResult` with rows in input order.
@@ -634,7 +639,7 @@ def evaluate(
             overwrite=overwrite, bootstrap_n=bootstrap_n, bootstrap_seed=bootstrap_seed,
             bootstrap_speakers=bootstrap_speakers, empty_reference=empty_reference,
             max_failed_fraction=max_failed_fraction, selection=selection, calibration_overlap=overlap,
-            early_stop=early_stop,
+            early_stop=early_stop, decode_batches=decode_batches,
         )
 
 
@@ -644,7 +649,7 @@ def _evaluate(model, processor, utterances, options: DecodeOptions, *, out_path:
               manifest_errors: Sequence, overwrite: bool, bootstrap_n: int, bootstrap_seed: int,
               bootstrap_speakers: bool, empty_reference: str, max_failed_fraction: float | None,
               selection: Mapping | None, calibration_overlap: Mapping | None = None,
-              early_stop: "EarlyStop | None" = None) -> WerResult:
+              early_stop: "EarlyStop | None" = None, decode_batches: Callable | None = None) -> WerResult:
     """:func:`evaluate` with the output folder locked."""
     if hasattr(utterances, "utterances"):
         data_name = data_name or getattr(utterances, "name", None)
@@ -769,6 +774,13 @@ def _evaluate(model, processor, utterances, options: DecodeOptions, *, out_path:
             })
         return rows
 
+    if decode_batches is not None and batches:
+        if early_stop is not None:
+            raise ValueError("early_stop and decode_batches do not combine")
+        for rows in decode_batches(batches):
+            audio_seconds += sum(float(r.get("duration_s") or 0) for r in rows if not r.get("failed"))
+            emit(rows)
+        batches = []
     feed = loaded_batches(batches if collapsed is None else [], options.num_workers)
     try:
         for batch, loaded in feed:

@@ -525,12 +525,12 @@ class StudySpec:
 class _Study:
     """One call of :func:`reproduce`: the runner, the data and the stage bookkeeping."""
 
-    def __init__(self, spec: StudySpec, out: Path, *, progress: bool):
+    def __init__(self, spec: StudySpec, out: Path, *, progress: bool, executor=None):
         self.spec = spec
         self.out = out
         self.progress = progress
         self.result = StudyResult(out_dir=out)
-        self.runner = SweepRunner(progress=progress)
+        self.runner = SweepRunner(progress=progress, executor=executor)
         self.base_spec = spec.sweep_spec()
         self.calib_spec = spec.calibration_spec()
         self.calib_set = _read_data(self.calib_spec, self.base_spec)
@@ -765,7 +765,8 @@ def draw_heatmaps_quietly(sensitivity_dir: Path) -> None:
         log.warning("heatmaps of %s not drawn: %s", sensitivity_dir, exc)
 
 
-def reproduce(spec: StudySpec, out_dir: str | os.PathLike, *, progress: bool = True, report: bool = True) -> StudyResult:
+def reproduce(spec: StudySpec, out_dir: str | os.PathLike, *, progress: bool = True, report: bool = True,
+              executor=None) -> StudyResult:
     """Run the paper's study on one model and write a report (stages: the module docstring).
 
     Args:
@@ -773,6 +774,8 @@ def reproduce(spec: StudySpec, out_dir: str | os.PathLike, *, progress: bool = T
         out_dir: the study directory (one writer at a time: :class:`asrprune.files.OutputLock`).
         progress: progress bars.
         report: build the report at the end.
+        executor: run the sweeps' runs elsewhere (:class:`asrprune.executor.RayExecutor`); the
+            other stages (sensitivity, allocation, checks, report) run here.
 
     Returns:
         :class:`StudyResult`.
@@ -785,7 +788,7 @@ def reproduce(spec: StudySpec, out_dir: str | os.PathLike, *, progress: bool = T
     t_start, study_started = time.perf_counter(), now_iso()
     out = Path(out_dir)
     with OutputLock(out):
-        study = _Study(spec, out, progress=progress)
+        study = _Study(spec, out, progress=progress, executor=executor)
         grid = spec.grid
         # 1. the overlap guard, then what the study is
         overlap = check_disjoint(study.calib_set, list(study.eval_sets.values()), allow_overlap=spec.allow_overlap)

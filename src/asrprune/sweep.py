@@ -58,6 +58,7 @@ import json
 import logging
 import os
 import re
+import socket
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -877,8 +878,9 @@ class SweepRunner:
         progress: show tqdm progress bars.
     """
 
-    def __init__(self, *, progress: bool = True):
+    def __init__(self, *, progress: bool = True, executor=None):
         self.progress = progress
+        self.executor = executor  # None: run after run in this process (asrprune.executor.RayExecutor: a cluster)
         self._slot: _ModelSlot | None = None
         self._load_errors: dict[tuple[str, str, str], BaseException] = {}
         self._encoder_caches: dict[tuple, EncoderCache] = {}
@@ -1003,9 +1005,11 @@ class SweepRunner:
                 spec.name, len(runs), len(summary.skipped), len(summary.skipped_failed),
                 "" if not summary.skipped_failed else " (rerun with --retry-failed)", len(todo),
             )  # fmt: skip
-            bar = tqdm(todo, desc=f"sweep {spec.name}", unit="run", disable=not self.progress)
-            for run in bar:
-                row = self._execute(run, speech_sets[run.data], spec, out, done, calib, stop)
+            ctx = _SweepContext(spec=spec, out=out, speech_sets=speech_sets, calib=calib, stop=stop)
+
+            def finished(run: RunSpec, row: dict) -> None:
+                """The one writer of runs.jsonl: comparisons, then the row (atomically)."""
+                _finish_row(out, run, row, done)
                 append_jsonl(out / RUNS_FILE, row)
                 done[run.run_id] = row
                 (summary.ran if row["status"] in ("ok", "collapsed") else summary.failed).append(run.run_id)
@@ -1013,6 +1017,12 @@ class SweepRunner:
                     summary.collapsed.append(run.run_id)
                 elif row["status"] != "ok":
                     log.error("run %s failed: %s", run.run_id, row.get("error"))
+
+            if self.executor is None:
+                for run in tqdm(todo, desc=f"sweep {spec.name}", unit="run", disable=not self.progress):
+                    finished(run, self.execute(run, ctx, done))
+            else:
+                self.executor.run(todo, ctx, done, finished)
         summary.wall_s = time.perf_counter() - t0
         if record_time:
             _record_session(out, started_at, summary.wall_s)
@@ -1029,10 +1039,17 @@ class SweepRunner:
                   "include": spec.calibration.include}
         return _Calibration(ss, record["fingerprint"], record, spec.calibration_opts(), overlap.count)
 
-    def _execute(self, run: RunSpec, speech_set, spec: SweepSpec, out: Path, done: Mapping,
-                 calib: "_Calibration | None" = None, stop: EarlyStopOptions | None = None) -> dict:
-        """Run one run; always returns its row (``status`` ``failed`` with the error if it raised)."""
-        run_dir = out / "runs" / run.run_id
+    def execute(self, run: RunSpec, ctx: "_SweepContext", done: Mapping) -> dict:
+        """Run one run in this process, writing its files under ``ctx.out``."""
+        early = None if run.is_baseline else _early_stop(ctx.out, run, done, ctx.stop)
+        return self._execute(run, ctx.speech_sets[run.data], ctx.spec, ctx.out / "runs" / run.run_id, ctx.calib,
+                             early, ctx.out)
+
+    def _execute(self, run: RunSpec, speech_set, spec: SweepSpec, run_dir: Path,
+                 calib: "_Calibration | None", early: EarlyStop | None, cache_root: Path) -> dict:
+        """Run one run into ``run_dir``; always returns its row (``status`` ``failed`` with the
+        error if it raised). The comparisons with baselines are added by the driver
+        (:func:`_finish_row`), which also writes the row."""
         started_at, t0, c0 = now_iso(), time.perf_counter(), time.process_time()
         v = run.variant
         row: dict[str, Any] = {
@@ -1060,6 +1077,7 @@ class SweepRunner:
             "baseline_run_id": None if run.is_baseline else run.baseline_run_id,
             "run_dir": f"runs/{run.run_id}",
             "sweep": spec.name,
+            "worker": {"host": socket.gethostname(), "pid": os.getpid()},
         }
         calls_before, windows_before = self.encoder_calls, self.encoder_windows
         try:
@@ -1092,9 +1110,8 @@ class SweepRunner:
                 row["pruning"] = _pruning_summary(full)
             row.update(sparsity_fields(slot.model))
             row["encoder_touched"] = slot.encoder_changed()
-            cache = self.encoder_cache(slot, run.data_key, spec.encoder_cache, out)
+            cache = self.encoder_cache(slot, run.data_key, spec.encoder_cache, cache_root)
             hits_before = _cache_hits(cache)
-            early = None if run.is_baseline else _early_stop(out, run, done, stop)
             result = evaluate(
                 slot.model,
                 slot.processor,
@@ -1119,9 +1136,6 @@ class SweepRunner:
                 row["comparison"] = None
                 row["status"] = "collapsed"
             else:
-                row["comparison"] = None if run.is_baseline else _compare_with_baseline(out, run, done)
-                if run.reference_run_id is not None:  # e.g. a pruned base against dense tiny.en
-                    row["comparison_reference"] = _compare_with_baseline(out, run, done, baseline_id=run.reference_run_id)
                 row["status"] = "ok"
         except Exception as exc:  # noqa: BLE001 - a failed run is recorded and the sweep goes on
             row["error"] = f"{type(exc).__name__}: {exc}"
@@ -1136,6 +1150,33 @@ class SweepRunner:
         row["wall_s"] = round(time.perf_counter() - t0, 3)
         row["cpu_s"] = round(time.process_time() - c0, 3)  # all threads of this process
         return row
+
+
+@dataclass
+class _SweepContext:
+    """What every run of one sweep call shares (the executors get it)."""
+
+    spec: SweepSpec
+    out: Path
+    speech_sets: Mapping[DataSpec, SpeechSet]
+    calib: "_Calibration | None"
+    stop: EarlyStopOptions | None
+
+
+def _finish_row(out: Path, run: RunSpec, row: dict, done: Mapping[str, Mapping]) -> None:
+    """The paired comparisons of a finished ok run with its baseline (and the reference model's),
+    computed by the driver from the files under ``out``; a comparison that fails fails the row."""
+    if row.get("status") != "ok":
+        row.setdefault("comparison", None)
+        return
+    try:
+        row["comparison"] = None if run.is_baseline else _compare_with_baseline(out, run, done)
+        if run.reference_run_id is not None:  # e.g. a pruned base against dense tiny.en
+            row["comparison_reference"] = _compare_with_baseline(out, run, done, baseline_id=run.reference_run_id)
+    except Exception as exc:  # noqa: BLE001 - recorded in the row
+        row["status"] = "failed"
+        row["error"] = f"{type(exc).__name__}: {exc}"
+        row["traceback"] = traceback.format_exc()
 
 
 def _early_stop(out: Path, run: RunSpec, done: Mapping[str, Mapping], stop: EarlyStopOptions | None) -> EarlyStop | None:
@@ -1268,6 +1309,7 @@ def run_sweep(
     retry_failed: bool = False,
     progress: bool = True,
     runner: SweepRunner | None = None,
+    executor=None,
 ) -> SweepSummary:
     """Run a sweep into ``out_dir``, appending one row per run to ``out_dir/runs.jsonl``.
 
@@ -1282,6 +1324,7 @@ def run_sweep(
         retry_failed: also rerun runs that failed before.
         progress: tqdm progress bars.
         runner: reuse a runner (and its loaded model) across calls.
+        executor: run the runs elsewhere (:class:`asrprune.executor.RayExecutor`); ``None``: here.
 
     Returns:
         A :class:`SweepSummary` (counts of runs done, skipped, failed).
@@ -1291,7 +1334,7 @@ def run_sweep(
         FileNotFoundError: a data source does not exist.
         SweepBusyError: another process runs a sweep in ``out_dir``.
     """
-    runner = runner or SweepRunner(progress=progress)
+    runner = runner or SweepRunner(progress=progress, executor=executor)
     return runner.run(spec, out_dir, retry_failed=retry_failed)
 
 
