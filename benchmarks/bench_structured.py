@@ -42,7 +42,7 @@ VARIANTS = {
     "heads25": ("encoder.self_attn=0.25@heads,decoder.self_attn=0.25@heads,cross_attn=0.25@heads", "wanda", "none"),
     "dec4": ("decoder.layers=0.34@layers", "loss", "none"),
     "dec2": ("decoder.layers[1:-1]=drop", "magnitude", "none"),
-    "enc_ffn50_dec4": ("encoder.ffn=0.5@neurons,decoder.layers=0.34@layers", "loss", "none"),
+    "enc_ffn50_dec4": ("encoder.ffn=0.5@neurons,decoder.layers=0.34@layers", "wanda", "none"),
     "dec2_ffn25": ("decoder.layers[1:-1]=drop,encoder.ffn=0.25@neurons", "fluctuation", "bias"),
 }
 __doc__ += "".join(f"\n- ``{k}``: ``{v[0]}``, score {v[1]}, repair {v[2]}" for k, v in VARIANTS.items()) + "\n"

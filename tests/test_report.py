@@ -95,7 +95,9 @@ def make_study(root: Path, *, truncated_line: bool = True) -> dict:
                 "total_params": TOTAL,
                 "summary": {"wer": wer, "wer_ci": _bootstrap(words, e), "cer": wer / 2,
                             "n_utterances": int(n), "n_failed": 0,
-                            "n_hallucination": int((e > 0.8 * words).sum())},
+                            "n_hallucination": int((e > 0.8 * words).sum()),
+                            "counts": {"ref_words": int(words.sum()), "substitutions": int(e.sum()),
+                                       "deletions": 0, "insertions": 0}},
                 "comparison": None,
                 "wall_s": 1.0,
             }
@@ -165,69 +167,78 @@ def _header(md: str) -> list[str]:
     raise AssertionError("main table header not found")
 
 
+def _section(md: str, title: str) -> str:
+    return md.split(f"### {title}")[1].split("\n### ")[0].split("\n## ")[0]
+
+
 def test_main_table_numbers_paper_and_marks(study_dir):
     root, exp = study_dir
     paths = build_report(root)
     md = paths.markdown.read_text()
-    head = _header(md)
-    col = {h: i for i, h in enumerate(head)}
     other = "librispeech_test_other"
+    table = _section(md, f"tiny.en — {other} — standard protocol")
+    earn = _section(md, "tiny.en — earnings22_test_4483589 — standard protocol")
+    head = _header(table)
+    col = {h: i for i, h in enumerate(head)}
     # paper column only for the LibriSpeech set
-    assert f"{other} paper WER %" in col and "earnings22_test_4483589 paper WER %" not in col
+    assert "paper WER %" in col and "paper WER %" not in _header(earn)
 
-    base = _table_rows(md, "baseline")[0]
+    base = _table_rows(table, "baseline")[0]
     b = exp[("baseline", other)]["summary"]
-    assert base[col[f"{other} WER % [95% CI]"]] == (
-        f"{100 * b['wer']:.2f} [{100 * b['wer_ci'][0]:.2f}, {100 * b['wer_ci'][1]:.2f}]"
-    )
-    assert base[col[f"{other} paper WER %"]] == "11.64"
-    assert base[col[f"{other} Δ WER [95% CI]"]] == "—"
+    assert base[col["WER % [95% CI]"]] == f"{100 * b['wer']:.2f} [{100 * b['wer_ci'][0]:.2f}, {100 * b['wer_ci'][1]:.2f}]"
+    assert base[col["paper WER %"]] == "11.64"
+    assert base[col["Δ WER [95% CI]"]] == "—"
 
-    dsa = _table_rows(md, "decoder self-attn 50%")[0]
+    dsa = _table_rows(table, "decoder self-attn 50%")[0]
     r = exp[("decoder self-attn 50%", other)]
     c = r["comparison"]
     assert significant(c) and c["delta"] < 0
-    assert dsa[col[f"{other} Δ WER [95% CI]"]] == (
-        f"{100 * c['delta']:+.2f} [{100 * c['ci'][0]:+.2f}, {100 * c['ci'][1]:+.2f}] *"
-    )
-    assert dsa[col[f"{other} paper WER %"]] == "9.26"
-    # sparsity: linear and all, measured
-    assert dsa[col["sparsity % (linear / all)"]] == (
-        f"{100 * r['sparsity_linear']:.1f} / {100 * r['sparsity_all']:.1f}"
-    )
-    assert _table_rows(md, "global 40%")[0][col[f"{other} paper WER %"]] == "61.32"
-    assert _table_rows(md, "late encoder 50%")[0][col[f"{other} paper WER %"]] == "9.92"
-    # a non-significant change carries no mark
+    assert dsa[col["Δ WER [95% CI]"]] == f"{100 * c['delta']:+.2f} [{100 * c['ci'][0]:+.2f}, {100 * c['ci'][1]:+.2f}] *"
+    assert dsa[col["paper WER %"]] == "9.26"
+    assert dsa[col["sparsity % (linear / all)"]] == f"{100 * r['sparsity_linear']:.1f} / {100 * r['sparsity_all']:.1f}"
+    assert _table_rows(table, "global 40%")[0][col["paper WER %"]] == "61.32"
+    assert _table_rows(table, "late encoder 50%")[0][col["paper WER %"]] == "9.92"
     small = exp[("decoder self-attn 10%", other)]["comparison"]
-    cell = _table_rows(md, "decoder self-attn 10%")[0][col[f"{other} Δ WER [95% CI]"]]
+    cell = _table_rows(table, "decoder self-attn 10%")[0][col["Δ WER [95% CI]"]]
     assert cell.endswith("*") == significant(small)
     # the failed run shows as failed and is listed with its error
-    ffn = _table_rows(md, "decoder FFN 50%")[0]
-    assert ffn[col["earnings22_test_4483589 WER % [95% CI]"]] == "failed"
+    ecol = {h: i for i, h in enumerate(_header(earn))}
+    assert _table_rows(earn, "decoder FFN 50%")[0][ecol["WER % [95% CI]"]] == "failed"
     assert "RuntimeError: out of memory" in md
-    # the truncated last line is reported, not fatal
     assert "skipped unreadable lines of runs.jsonl" in md
-    # rows: baseline first, then in group order, sparsities ascending
-    main = md.split("### tiny.en — standard protocol")[1].split("\n\n|")[1]
-    order = [line.split(" | ")[0].lstrip("| ") for line in main.splitlines()[2:] if line.startswith("|")]
+    order = [line.split(" | ")[0].lstrip("| ") for line in table.splitlines() if line.startswith("| ")][1:]
+    order = [o for o in order if not o.startswith("---")]
     assert order == ["baseline", "decoder self-attn 10%", "decoder self-attn 30%", "decoder self-attn 50%",
                      "late encoder 50%", "global 40%", "decoder FFN 50%"]
 
 
-def test_summary_words_and_top5(study_dir):
+def test_verdicts_and_claims(study_dir):
     root, exp = study_dir
     md = build_report(root).markdown.read_text()
-    summary = md.split("## Summary")[1].split("## Results")[0]
-    c = exp[("decoder self-attn 50%", "librispeech_test_other")]["comparison"]
-    assert "significantly better — decoder self-attn 50%" in summary
-    assert f"{100 * c['top5_share']:.0f}% of the change comes from the 5 utterances" in summary
-    assert "significantly worse — global 40%" in summary
-    g = exp[("global 40%", "librispeech_test_other")]["summary"]["n_hallucination"]
-    b = exp[("baseline", "librispeech_test_other")]["summary"]["n_hallucination"]
-    assert g > b and f"hallucination/repetition: {b} → {g}" in summary
-    assert "no significant change — " in summary
-    # 14 rows minus one failed; the partial line does not count as a run
-    assert "14 runs recorded: 13 finished, 1 failed." in summary
+    glance = md.split("## At a glance")[1].split("## The paper's claims")[0]
+    other = "librispeech_test_other"
+    c = exp[("decoder self-attn 50%", other)]["comparison"]
+    dsa = _table_rows(glance, "decoder self-attn 50%")[0]
+    assert dsa[1] == f"better {100 * c['delta']:+.2f} *"
+    g = exp[("global 40%", other)]["comparison"]
+    assert _table_rows(glance, "global 40%")[0][1] == f"worse {100 * g['delta']:+.2f} *"
+    small = exp[("decoder self-attn 10%", other)]["comparison"]
+    if not significant(small):
+        assert _table_rows(glance, "decoder self-attn 10%")[0][1] == f"no change {100 * small['delta']:+.2f}"
+    assert "14 runs recorded: 13 finished, 0 stopped early as collapsed, 1 failed." in glance
+    # the claims, with our numbers and verdicts (test-other rows only)
+    claims = md.split("## The paper's claims")[1].split("## Results")[0]
+    row = _table_rows(claims, "decoder self-attention 50% improves WER")[0]
+    assert row[1] == "-2.38" and row[2] == f"{100 * c['delta']:+.2f} [{100 * c['ci'][0]:+.2f}, {100 * c['ci'][1]:+.2f}]"
+    assert row[4] == "reproduced"  # our interval excludes 0 downwards, as the paper's change
+    assert _table_rows(claims, "global magnitude 40% collapses")[0][4] == "reproduced"
+    assert _table_rows(claims, "biases are fragile: +7.53 at 10%")[0][2] == "not in this study"
+
+
+@pytest.mark.parametrize("ci, verdict", [((-0.05, -0.01), "reproduced"), ((0.01, 0.05), "opposite"),
+                                         ((-0.005, 0.01), "not reproduced"), ((-0.03, 0.01), "inconclusive")])
+def test_claim_verdicts(ci, verdict):
+    assert report.claim_verdict({"ci": list(ci)}, -2.38, -1) == verdict
 
 
 def test_nonzero_counts_and_sensitivity(study_dir):
@@ -245,13 +256,15 @@ def test_html_is_self_contained(study_dir):
     paths = build_report(root)
     page = paths.html.read_text()
     srcs = re.findall(r'<img src="([^"]+)"', page)
-    # curves for decoder_self_attn, late_encoder, global, decoder_ffn + 2 heatmaps
-    assert len(srcs) == 6 == len(paths.images)
+    # forest (WER; the fabricated rows have no CER), anatomy x 2 sets, curves for decoder_self_attn,
+    # late_encoder, global, decoder_ffn, 2 heatmaps
+    assert len(srcs) == 9 == len(paths.images)
     for src in srcs:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     assert not re.search(r'(src|href)="(https?:|file:|/)', page)
-    assert page.count("<table") == 5  # main, failed runs, non-zero counts, rank correlations, ranking
+    # verdicts, claims, results x 2 sets, failed runs, anatomy x 2, non-zero counts, correlations, ranking
+    assert page.count("<table") == 10
     # markdown links point to files that exist
     for link in re.findall(r"\]\(([^)]+\.png)\)", paths.markdown.read_text()):
         assert (root / link).is_file()
@@ -301,7 +314,7 @@ def test_report_module_imports_no_torch():
     assert "torch" not in names and "transformers" not in names, names
     # report.py imports only torch-free modules of the package, and none of them imports torch
     package = {n[1:] for n in names if n.startswith(".")}
-    assert package <= {"config", "files", "stats"}, package
+    assert package <= {"config", "files", "stats", "evidence"}, package
     for module in package:
         sub = ast.parse((Path(report.__file__).parent / f"{module}.py").read_text())
         imported = {a.name.split(".")[0] for node in ast.walk(sub) if isinstance(node, ast.Import) for a in node.names}
@@ -335,52 +348,223 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 
 
-def test_html_renders_in_headless_chromium(study_dir, tmp_path):
+def make_utterance_study(root: Path, n_conditions: int = 60, n_utts: int = 40, seed: int = 3) -> dict:
+    """A study with real per-utterance files: every condition's hypotheses are the references with
+    known substitutions, deletions and insertions; runs.jsonl rows carry no comparison, so the
+    report computes every change from the utterance files. Returns what was planted."""
+    from asrprune.scoring import score_utterance
+
+    rng = np.random.default_rng(seed)
+    vocab = [f"w{k}" for k in range(300)]
+    refs = {f"utt{u:03d}": " ".join(rng.choice(vocab, rng.integers(6, 20))) for u in range(n_utts)}
+
+    def corrupt(text: str, rate: float, rng) -> str:
+        words = text.split()
+        out = []
+        for w in words:
+            r = rng.random()
+            if r < rate / 3:
+                out.append(w + "x")  # substitution
+            elif r < 2 * rate / 3:
+                continue  # deletion
+            elif r < rate:
+                out += [w, "ins"]  # insertion
+            else:
+                out.append(w)
+        return " ".join(out)
+
+    def write_run(run_id: str, hyps: dict[str, str]) -> dict:
+        d = root / "runs" / run_id
+        d.mkdir(parents=True)
+        rows = []
+        for uid, ref in refs.items():
+            sc = score_utterance(ref, hyps[uid], None)
+            rows.append({"id": uid, "reference": ref, "hypothesis": hyps[uid], **sc,
+                         "errors": sc["substitutions"] + sc["deletions"] + sc["insertions"], "failed": False,
+                         "hallucination": False})
+        (d / "utterances.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        w = sum(r["ref_words"] for r in rows)
+        e = sum(r["errors"] for r in rows)
+        counts = {k: sum(r[k] for r in rows) for k in ("ref_words", "substitutions", "deletions", "insertions")}
+        summary = {"status": "ok", "wer": e / w, "wer_ci": [e / w * 0.9, e / w * 1.1], "cer": 0.0, "n_utterances": len(rows),
+                   "n_failed": 0, "counts": counts, "n_hallucination": 0, "empty_reference": {"policy": "skip"},
+                   "order": list(refs)}
+        (d / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    base_hyps = {u: corrupt(r, 0.1, rng) for u, r in refs.items()}
+    runs = [{"run_id": "base", "status": "ok", "model": "tiny.en", "dataset": "librispeech_test_other",
+             "protocol": "standard", "condition": "baseline", "group": "baseline", "variant": "baseline",
+             "target_sparsity": 0.0, "run_dir": "runs/base", "summary": write_run("base", base_hyps)}]
+    planted = {}
+    for k in range(n_conditions):
+        rate = 0.1 + 0.01 * k
+        hyps = {u: corrupt(r, rate, rng) for u, r in refs.items()}
+        if k == 7:  # a significant change that rests on few utterances, one with a known substitution
+            hyps = dict(base_hyps)
+            for u in list(refs)[:12]:  # a small change on many utterances makes it significant
+                hyps[u] = base_hyps[u] + " ins ins"
+            ref = refs["utt005"].split()
+            hyps["utt005"] = " ".join(["zzzbad" if i == 0 else w for i, w in enumerate(ref)] + ["ins"] * 80)
+            planted["sub"] = ("utt005", ref[0], "zzzbad")
+        rid = f"c{k:02d}"
+        runs.append({"run_id": rid, "status": "ok", "model": "tiny.en", "dataset": "librispeech_test_other",
+                     "protocol": "standard", "condition": f"condition {k:02d} with a long descriptive label",
+                     "group": f"g{k % 6}", "variant": rid, "target_sparsity": round(0.05 * (k % 10), 2),
+                     "selector": "all_linear", "run_dir": f"runs/{rid}", "baseline_run_id": "base",
+                     "summary": write_run(rid, hyps), "sparsity_linear": 0.1, "sparsity_all": 0.05,
+                     "nonzero_params": 1000, "total_params": 2000})
+        planted[rid] = f"condition {k:02d} with a long descriptive label"
+    (root / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    (root / "study.json").write_text(json.dumps({"model": "tiny.en", "datasets": {"librispeech_test_other": {
+        "source": "/data/x", "n_utterances": n_utts}}}))
+    return planted
+
+
+def test_forest_csv_equals_compare_on_the_same_files(tmp_path):
+    """60 conditions whose rows carry no comparison: the report's forest data (WER and CER) are
+    computed from the utterance files and equal asrprune.evaluation.compare on the same runs."""
+    import csv
+    import time
+
+    from asrprune.evaluation import compare
+
+    root = tmp_path / "s60"
+    root.mkdir()
+    planted = make_utterance_study(root)
+    t0 = time.perf_counter()
+    paths = build_report(root)
+    built = time.perf_counter() - t0
+    rows = list(csv.DictReader((root / "report" / "forest.csv").open()))
+    assert len(rows) == 2 * 60
+    by = {(r["variant"], r["metric"]): r for r in rows}
+    for k in (0, 7, 31, 59):
+        rid = f"c{k:02d}"
+        c = compare(root / "runs" / "base", root / "runs" / rid).to_dict()
+        w, ce = by[(rid, "wer")], by[(rid, "cer")]
+        assert float(w["delta"]) == pytest.approx(c["delta_wer"], abs=1e-12)
+        assert [float(w["ci_low"]), float(w["ci_high"])] == pytest.approx(c["delta_ci"], abs=1e-12)
+        assert float(w["p"]) == pytest.approx(c["p_value"])
+        assert float(ce["delta"]) == pytest.approx(c["delta_cer"], abs=1e-12)
+        assert [float(ce["ci_low"]), float(ce["ci_high"])] == pytest.approx(c["delta_cer_ci"], abs=1e-12)
+        assert w["significant"] == str(significant({"p": c["p_value"], "ci": c["delta_ci"]}))
+        assert w["condition"] == planted[rid] and w["source"] == "computed"
+    assert (root / "report" / "forest_wer.png").is_file() and (root / "report" / "forest_cer.png").is_file()
+    md = paths.markdown.read_text()
+    assert f"**{planted['c07']}" in md and "zzzbad" in md  # the one utterance behind condition 7, word by word
+    print(f"report of 60 conditions built in {built:.1f} s")
+
+
+def _chromium(tmp_path):
     if not (CHROMIUM and CHROMEDRIVER):
         if os.environ.get("CI"):
             pytest.fail("chromium and chromium-driver are required under CI (apt-get install chromium chromium-driver)")
         pytest.skip("chromium/chromedriver not installed (Debian: apt-get install chromium chromium-driver)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
 
-    root, exp = study_dir
-    paths = build_report(root)
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+                 "--window-size=1280,800", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
         opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+    return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+
+
+_LAYOUT = """
+const out = {docScroll: document.documentElement.scrollWidth, docClient: document.documentElement.clientWidth,
+             tables: [], scrollers: []};
+for (const t of document.querySelectorAll('table')) out.tables.push(t.getBoundingClientRect().right);
+for (const el of document.querySelectorAll('body *')) {
+  const ox = getComputedStyle(el).overflowX;
+  if ((ox === 'auto' || ox === 'scroll') && el.scrollWidth > el.clientWidth + 1) out.scrollers.push(el.tagName);
+}
+return out;
+"""
+
+
+def test_html_renders_in_headless_chromium(study_dir, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    root, exp = study_dir
+    paths = build_report(root)
+    driver = _chromium(tmp_path)
     try:
         driver.set_page_load_timeout(60)
         driver.get(paths.html.resolve().as_uri())
         imgs = driver.find_elements(By.TAG_NAME, "img")
-        assert len(imgs) == len(paths.images) == 6
+        assert len(imgs) == len(paths.images) == 9
         for img in imgs:
-            loaded = driver.execute_script(
-                "return arguments[0].complete && arguments[0].naturalWidth > 0 && arguments[0].naturalHeight > 0",
-                img,
-            )
-            assert loaded, img.get_attribute("alt")
+            assert driver.execute_script(
+                "return arguments[0].complete && arguments[0].naturalWidth > 0 && arguments[0].naturalHeight > 0", img)
+        assert imgs[0].get_attribute("alt").startswith("Forest plot of ΔWER")  # the first figure
         tables = driver.find_elements(By.CSS_SELECTOR, "table.results")
-        assert len(tables) >= 3
-        headers = [th.text for th in tables[0].find_elements(By.TAG_NAME, "th")]
-        assert "librispeech_test_other WER % [95% CI]" in headers
-        cells = [td.text for td in tables[0].find_elements(By.TAG_NAME, "td")]
+        cells = [td.text for t in tables for td in t.find_elements(By.TAG_NAME, "td")]
         assert "11.64" in cells and "9.26" in cells
         assert driver.title == "asrprune study report"
+        layout = driver.execute_script(_LAYOUT)
+        assert layout["docScroll"] <= layout["docClient"] and max(layout["tables"]) <= 1280 and not layout["scrollers"]
     finally:
         driver.quit()
 
 
-def test_one_table_per_model_and_protocol(study_dir):
+def test_report_fits_a_laptop_window_and_shows_the_utterances(tmp_path):
+    """At 1280x800: the forest plot loads, nothing is wider than the window, no element scrolls
+    sideways, the claims table is there, and the details block of the condition that rests on one
+    utterance shows that utterance with its planted substitution marked."""
+    from selenium.webdriver.common.by import By
+
+    root = tmp_path / "s60"
+    root.mkdir()
+    planted = make_utterance_study(root)
+    paths = build_report(root)
+    driver = _chromium(tmp_path)
+    try:
+        driver.get(paths.html.resolve().as_uri())
+        forest = driver.find_element(By.CSS_SELECTOR, "img[alt^='Forest plot of ΔWER']")
+        assert driver.execute_script("return arguments[0].naturalWidth > 0", forest)
+        layout = driver.execute_script(_LAYOUT)
+        assert layout["docScroll"] <= layout["docClient"], layout
+        assert max(layout["tables"]) <= 1280 and not layout["scrollers"], layout
+        claims = [t for t in driver.find_elements(By.CSS_SELECTOR, "table.results")
+                  if "claim" in [th.text for th in t.find_elements(By.TAG_NAME, "th")]]
+        assert claims
+        uid, ref_word, hyp_word = planted["sub"]
+        details = [d for d in driver.find_elements(By.TAG_NAME, "details") if planted["c07"] in d.text or True]
+        target = next(d for d in details if uid in d.get_attribute("textContent"))
+        driver.execute_script("arguments[0].open = true", target)
+        subs = target.find_elements(By.CSS_SELECTOR, ".w.sub")
+        assert any(s.find_element(By.CSS_SELECTOR, ".r").text == ref_word and
+                   s.find_element(By.CSS_SELECTOR, ".h").text == hyp_word for s in subs)
+        layout = driver.execute_script(_LAYOUT)  # opened, it still fits
+        assert layout["docScroll"] <= layout["docClient"] and not layout["scrollers"], layout
+    finally:
+        driver.quit()
+
+
+def test_one_table_per_model_protocol_and_dataset(study_dir):
     root, exp = study_dir
     row = dict(exp[("baseline", "librispeech_test_other")], run_id="base-paper", model="base", protocol="paper")
     with open(root / "runs.jsonl", "a") as f:
         f.write("\n" + json.dumps(row) + "\n")
     md = build_report(root).markdown.read_text()
-    assert "### tiny.en — standard protocol" in md and "### base — paper protocol" in md
-    table = md.split("### base — paper protocol")[1].split("Paper numbers:")[0]
+    assert "### tiny.en — librispeech_test_other — standard protocol" in md
+    table = _section(md, "base — librispeech_test_other — paper protocol")
     assert table.count("\n| baseline |") == 1 and "decoder self-attn" not in table
+
+
+def test_cli_compare_show_prints_the_top_utterances_aligned(tmp_path, capsys):
+    from asrprune.cli import main
+
+    root = tmp_path / "s"
+    root.mkdir()
+    planted = make_utterance_study(root, n_conditions=8)
+    assert main(["compare", str(root / "runs" / "base"), str(root / "runs" / "c07"), "--show", "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    uid, ref_word, hyp_word = planted["sub"]
+    assert "delta CER (B - A):" in out and f"  {uid}:" in out
+    block = out.split(f"  {uid}:")[1]
+    ref_line = next(line for line in block.splitlines() if line.strip().startswith("REF:"))
+    b_line = next(line for line in block.splitlines() if line.strip().startswith("B:"))
+    assert ref_line.split()[1] == ref_word and b_line.split()[1] == hyp_word

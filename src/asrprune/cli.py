@@ -225,13 +225,20 @@ def _add_report(sub) -> None:
     p = _subparser(sub, "report")
     p.add_argument("study_dir", type=Path, help="study directory (runs.jsonl, study.json, sensitivity/)")
     p.add_argument("--out", type=Path, default=None, help="write the report here (default: STUDY_DIR)")
+    p.add_argument("--show", action="append", default=[], metavar="CONDITION",
+                   help="also show this condition's top-5 utterances word by word (variant name or label; "
+                   "'all'; repeatable); those whose change rests on few utterances are always shown")
     p.set_defaults(func=_run_report)
 
 
 def _run_report(args) -> int:
+    import time
+
     from .report import build_report
 
-    paths = build_report(args.study_dir, out_dir=args.out)
+    t0 = time.perf_counter()
+    paths = build_report(args.study_dir, out_dir=args.out, show=args.show)
+    print(f"built in {time.perf_counter() - t0:.1f} s")
     print(f"wrote {paths.markdown}")
     print(f"wrote {paths.html} ({len(paths.images)} images embedded)")
     return 0
@@ -1198,12 +1205,15 @@ def _add_compare(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of bootstrap and permutations")
     p.add_argument("--by-speaker", action="store_true", help="resample and permute whole speakers")
     p.add_argument("--top", type=_positive_int, default=5, help="how many utterances the concentration figure uses")
+    p.add_argument("--show", action="store_true",
+                   help="print the --top utterances word-aligned: reference, A and B, errors marked S/D/I")
     p.set_defaults(func=_run_compare)
 
 
 def _run_compare(args) -> int:
     from .evaluation import compare
-    from .files import atomic_write_json, prepare_out_dir
+    from .evidence import align_words, aligned_text
+    from .files import atomic_write_json, prepare_out_dir, read_jsonl
 
     comp = compare(args.a, args.b, n_resamples=args.n_resamples, n_permutations=args.n_permutations,
                    seed=args.seed, by_speaker=args.by_speaker, top_k=args.top)
@@ -1214,13 +1224,22 @@ def _run_compare(args) -> int:
           f"({d['n_utterances']} utterances, {d['n_excluded_failed']} excluded as failed)")
     print(f"delta WER (B - A): {pp(d['delta_wer'])} points, 95% CI [{pp(lo)}, {pp(hi)}], p = {d['p_value']:.4g}; "
           f"{d['n_improved']} utterances better, {d['n_worsened']} worse")
+    clo, chi = d["delta_cer_ci"]
+    print(f"delta CER (B - A): {pp(d['delta_cer'])} points, 95% CI [{pp(clo)}, {pp(chi)}], p = {d['p_value_cer']:.4g}")
     if d["top"]:
         share = d["top_share"]
         print(f"top {len(d['top'])} utterances carry {100 * share:.0f}% of the delta; without them the delta is "
               f"{pp(d['delta_wer_without_top'])} points")
+        rows_a = {r["id"]: r for r in read_jsonl(args.a / "utterances.jsonl")} if args.show else {}
+        rows_b = {r["id"]: r for r in read_jsonl(args.b / "utterances.jsonl")} if args.show else {}
         for t in d["top"]:
             flags = "".join(f" [hallucination in {k}]" for k, v in (("A", t["hallucination_a"]), ("B", t["hallucination_b"])) if v)
             print(f"  {t['id']}: errors {t['errors_a']} -> {t['errors_b']} of {t['ref_words']} words{flags}")
+            if args.show and t["id"] in rows_a and t["id"] in rows_b:
+                ref = rows_a[t["id"]].get("reference_norm") or ""
+                for label, row in (("A", rows_a[t["id"]]), ("B", rows_b[t["id"]])):
+                    text = aligned_text(align_words(ref, row.get("hypothesis_norm") or ""), labels=("REF", label))
+                    print("\n".join("    " + line for line in text.splitlines()))
     if args.out is not None:
         path = args.out if args.out.suffix == ".json" else prepare_out_dir(args.out) / "comparison.json"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .audio import AudioError
 from .early_stop import EarlyStop
+from .evidence import paired_change
 from .decoding import SAMPLING_RATE, DecodeOptions, Decoder, EncoderCache, generate_kwargs, loaded_batches
 from .files import OutputLock, append_jsonl, atomic_write_json, atomic_write_text, env_stamp, prepare_out_dir, read_json, read_jsonl
 from .manifests import Utterance
@@ -38,7 +39,7 @@ from .models import model_fingerprint
 from .overlap import check_against_record
 from .overlap import fingerprint as data_fingerprint
 from .scoring import ErrorCounts, default_normalizer, detect_hallucination, score_utterance
-from .stats import bootstrap_ci, paired_bootstrap, permutation_pvalue, ratio
+from .stats import bootstrap_ci, ratio
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +230,7 @@ class Comparison:
     """Paired comparison of run b against run a on the same utterances.
 
     ``delta_wer = wer_b - wer_a`` (negative: b is better), with a paired bootstrap interval and
-    a paired permutation p-value. ``top`` lists the 5 utterances that contribute most to the
+    a paired permutation p-value; ``delta_cer`` likewise over characters. ``top`` lists the 5 utterances that contribute most to the
     delta in its direction, with ``top_share`` their part of it (1.0 = the whole delta; above 1
     when the other utterances move the other way), and ``delta_wer_without_top`` the delta with
     them left out.
@@ -250,6 +251,9 @@ class Comparison:
     n_improved: int
     n_worsened: int
     n_excluded_empty: int = 0
+    delta_cer: float = 0.0
+    delta_cer_ci: tuple[float, float] = (0.0, 0.0)
+    p_value_cer: float = 1.0
     settings: dict = field(default_factory=dict)
     a: dict = field(default_factory=dict)
     b: dict = field(default_factory=dict)
@@ -259,6 +263,8 @@ class Comparison:
         for k in ("wer_a", "wer_b", "delta_wer", "cer_a", "cer_b", "top_share", "delta_wer_without_top"):
             d[k] = _finite(d[k]) if d[k] is not None else None
         d["delta_ci"] = [_finite(x) for x in self.delta_ci]
+        d["delta_cer"] = _finite(self.delta_cer)
+        d["delta_cer_ci"] = [_finite(x) for x in self.delta_cer_ci]
         return d
 
 
@@ -329,39 +335,29 @@ def compare(
         )
     ca = [ErrorCounts.from_row(rows_a[i]) for i in ids]
     cb = [ErrorCounts.from_row(rows_b[i]) for i in ids]
-    ea = np.array([c.errors for c in ca], dtype=np.float64)
-    eb = np.array([c.errors for c in cb], dtype=np.float64)
-    w = np.array([c.ref_words for c in ca], dtype=np.float64)
-    total_w = w.sum()
     tot_a = sum(ca, ErrorCounts())
     tot_b = sum(cb, ErrorCounts())
     groups = [rows_a[i].get("speaker") or i for i in ids] if by_speaker else None
-    d = eb - ea
-    delta = ratio(d.sum(), total_w) if d.sum() else 0.0
-    ci = paired_bootstrap(ea, eb, w, n_resamples=n_resamples, confidence=confidence, seed=seed, groups=groups)
-    p = permutation_pvalue(ea, eb, n_permutations=n_permutations, seed=seed, groups=groups)
-    top: list[dict] = []
-    share = without = None
-    if d.sum() != 0:
-        direction = np.sign(d.sum())
-        order = np.argsort(-direction * d, kind="stable")[:top_k]
-        order = [k for k in order if d[k] * direction > 0]
-        top = [
-            {
-                "id": ids[k],
-                "delta_errors": int(d[k]),
-                "errors_a": int(ea[k]),
-                "errors_b": int(eb[k]),
-                "ref_words": int(w[k]),
-                "hallucination_a": rows_a[ids[k]].get("hallucination"),
-                "hallucination_b": rows_b[ids[k]].get("hallucination"),
-            }
-            for k in order
-        ]
-        top_sum = float(sum(d[k] for k in order))
-        share = top_sum / float(d.sum())
-        rest_w = total_w - sum(w[k] for k in order)
-        without = ratio(float(d.sum()) - top_sum, rest_w) if rest_w else None
+    # the numbers (WER and CER changes, intervals, p, the top utterances) come from one place,
+    # which the report also uses on older result files
+    pc = paired_change([rows_a[i] for i in ids], [rows_b[i] for i in ids], policy="score", n_resamples=n_resamples,
+                       n_permutations=n_permutations, confidence=confidence, seed=seed, groups=groups, top_k=top_k)
+    d = np.array([b.errors - a.errors for a, b in zip(ca, cb)])
+    delta, ci, p = pc["delta_wer"], pc["delta_ci"], pc["p_value"]
+    share, without = pc["top_share"], pc["delta_wer_without_top"]
+    pos = {i: k for k, i in enumerate(ids)}
+    top = [
+        {
+            "id": i,
+            "delta_errors": int(d[pos[i]]),
+            "errors_a": int(ca[pos[i]].errors),
+            "errors_b": int(cb[pos[i]].errors),
+            "ref_words": int(ca[pos[i]].ref_words),
+            "hallucination_a": rows_a[i].get("hallucination"),
+            "hallucination_b": rows_b[i].get("hallucination"),
+        }
+        for i in pc["top"]
+    ]
     return Comparison(
         n_utterances=len(ids),
         wer_a=tot_a.wer,
@@ -374,6 +370,9 @@ def compare(
         top=top,
         top_share=share,
         delta_wer_without_top=without,
+        delta_cer=pc["delta_cer"],
+        delta_cer_ci=tuple(pc["delta_cer_ci"]),
+        p_value_cer=pc["p_value_cer"],
         n_excluded_failed=len(excluded),
         n_excluded_empty=len(empty),
         n_improved=int((d < 0).sum()),

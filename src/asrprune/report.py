@@ -32,7 +32,7 @@ from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from matplotlib import patheffects
@@ -41,6 +41,7 @@ from matplotlib.colors import SymLogNorm
 from matplotlib.figure import Figure
 
 from .config import DIAGNOSTICS
+from .evidence import align_words, aligned_html, aligned_text, paired_change
 from .files import atomic_write_text, latest_rows, read_json, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,26 @@ class Study:
     heatmaps: list[Path] = field(default_factory=list)
     plan_check: dict | None = None  # plans/plan_check.json: whole-plan calibration loss
     methods: dict | None = None  # methods.json: the method rows against dense and global magnitude
+    _utterances: dict = field(default_factory=dict)
+
+    def utterances(self, row: Mapping) -> list[dict] | None:
+        """The run's ``utterances.jsonl`` rows (cached), or None when the file is not there."""
+        rid = str(row.get("run_id"))
+        if rid not in self._utterances:
+            path = self.root / str(row.get("run_dir") or f"runs/{rid}") / "utterances.jsonl"
+            self._utterances[rid] = read_jsonl(path) if path.is_file() else None
+        return self._utterances[rid]
+
+    def baseline_of(self, row: Mapping) -> dict | None:
+        """The run's baseline row (by ``baseline_run_id``, else the baseline of its model,
+        protocol and data set)."""
+        bid = row.get("baseline_run_id") or (row.get("comparison") or {}).get("baseline_run_id")
+        for r in self.runs:
+            if bid and r.get("run_id") == bid:
+                return r
+        key = (row.get("model"), row.get("protocol"), row.get("dataset"))
+        return next((r for r in self.runs if _ok(r) and normalise_group(r.get("group")) == "baseline"
+                     and (r.get("model"), r.get("protocol"), r.get("dataset")) == key), None)
 
 
 def read_runs(path: Path) -> tuple[list[dict], list[str]]:
@@ -306,73 +327,6 @@ class Image:
 Block = tuple  # ("h1"|"h2"|"h3"|"p"|"ul", text or list) | Table | Image
 
 
-def main_tables(study: Study) -> list[tuple[str, Table]]:
-    """The paper-style tables, one per (model, protocol)."""
-    datasets = _datasets(study)
-    by_mp: "OrderedDict[tuple, list[dict]]" = OrderedDict()
-    for r in study.runs:
-        by_mp.setdefault((str(r.get("model", "?")), str(r.get("protocol", "?"))), []).append(r)
-    out = []
-    for (model, protocol), rows in by_mp.items():
-        first_seen: dict[str, int] = {}
-        cells: dict[tuple, dict[str, dict]] = defaultdict(dict)
-        spars: dict[tuple, tuple] = {}
-        for r in rows:
-            key = _condition_key(r)
-            first_seen.setdefault(key[1], len(first_seen))
-            cells[key][r.get("dataset", "?")] = r
-            if _ok(r) and key not in spars:
-                spars[key] = (r.get("sparsity_linear"), r.get("sparsity_all"))
-        ds_here = [d for d in datasets if any(d in v for v in cells.values())]
-        with_paper = [d for d in ds_here if paper_set(d) and any(
-            paper_wer(v[d]) is not None for v in cells.values() if d in v)]
-        headers = ["condition", "selector", "sparsity % (linear / all)"]
-        for d in ds_here:
-            headers += [f"{d} WER % [95% CI]", f"{d} Δ WER [95% CI]", f"{d} p"]
-            if d in with_paper:
-                headers.append(f"{d} paper WER %")
-        body = []
-        for key in _sort_conditions(cells.keys(), first_seen):
-            label, _g, _t, sel = key
-            sl, sa = spars.get(key, (None, None))
-            line = [str(label), str(sel or "—"), f"{_pct(sl, 1)} / {_pct(sa, 1)}"]
-            for d in ds_here:
-                r = cells[key].get(d)
-                if r is None:
-                    line += ["—", "—", "—"]
-                elif _collapsed(r):
-                    line += list(collapsed_cells(r["collapsed"]))
-                elif not _ok(r):
-                    line += ["failed", "—", "—"]
-                else:
-                    s = r["summary"]
-                    ci = s.get("wer_ci")
-                    w = f"{_pct(s.get('wer'))}"
-                    if ci:
-                        w += f" [{_pct(ci[0])}, {_pct(ci[1])}]"
-                    cmp = comparison(r)
-                    if cmp:
-                        dtxt = _signed(cmp["delta"])
-                        if cmp["ci"]:
-                            dtxt += f" [{_signed(cmp['ci'][0])}, {_signed(cmp['ci'][1])}]"
-                        if significant(cmp):
-                            dtxt += " *"
-                        line += [w, dtxt, _p(cmp["p"])]
-                    else:
-                        line += [w, "—", "—"]
-                if d in with_paper:
-                    pw = paper_wer(r) if r is not None else None
-                    line.append("—" if pw is None else f"{pw:.2f}")
-            body.append(line)
-        caption = (
-            f"Model {model}, protocol {protocol}. WER in percent with its 95% bootstrap interval; "
-            "Δ = pruned minus baseline (points) with the paired-bootstrap 95% interval and p; "
-            "* = significant (p < 0.05 and the interval excludes 0)."
-        )
-        out.append((f"{model} — {protocol} protocol", Table(headers, body, caption)))
-    return out
-
-
 def nonzero_table(study: Study) -> Table:
     """Non-zero parameter counts per model and condition (measured after pruning)."""
     seen: "OrderedDict[tuple, dict]" = OrderedDict()
@@ -396,64 +350,6 @@ def nonzero_table(study: Study) -> Table:
         rows,
         "Counts measured on the pruned model (zeros after pruning), not requested sparsities.",
     )
-
-
-def summary_paragraphs(study: Study) -> list[Block]:
-    """Plain-words summary of the study's significant and non-significant changes."""
-    blocks: list[Block] = []
-    ok = [r for r in study.runs if _ok(r)]
-    failed = [r for r in study.runs if not _ok(r)]
-    blocks.append(("p", f"{len(study.runs)} runs recorded: {len(ok)} finished, {len(failed)} failed."))
-    groups: "OrderedDict[tuple, list[dict]]" = OrderedDict()
-    for r in ok:
-        if comparison(r):
-            groups.setdefault((r.get("model"), r.get("protocol"), r.get("dataset")), []).append(r)
-    baselines = {(r.get("model"), r.get("protocol"), r.get("dataset")): r
-                 for r in ok if normalise_group(r.get("group")) == "baseline"}
-    if not groups:
-        blocks.append(("p", "No run has a comparison with its baseline yet."))
-    for (model, protocol, dataset), rows in groups.items():
-        better, worse, flat = [], [], []
-        for r in rows:
-            cmp = comparison(r)
-            label = r.get("condition") or r.get("group")
-            if significant(cmp):
-                base = r["summary"].get("wer", 0.0) - cmp["delta"]
-                share = cmp.get("top5_share")
-                txt = (
-                    f"{label}: {_pct(base)}% → {_pct(r['summary'].get('wer'))}% "
-                    f"(change {_signed(cmp['delta'])} points, 95% CI {_signed(cmp['ci'][0])} to "
-                    f"{_signed(cmp['ci'][1])}, {_p_eq(cmp['p'])})"
-                )
-                if share is not None:
-                    share = float(share)
-                    if share > 1:
-                        txt += ("; the 5 utterances that changed most carry more than the whole change "
-                                f"({100 * share:.0f}%: the others move the other way)")
-                    else:
-                        txt += f"; {100 * share:.0f}% of the change comes from the 5 utterances that changed most"
-                    if cmp.get("without_top5") is not None:
-                        txt += f" (without them: {_signed(float(cmp['without_top5']))} points)"
-                    if share > 0.5:
-                        txt += ", so it rests on a few utterances: read them before calling it a real effect"
-                base_row = baselines.get((model, protocol, dataset))
-                h_run = r["summary"].get("n_hallucination")
-                h_base = base_row["summary"].get("n_hallucination") if base_row else None
-                if h_run is not None and h_base is not None and h_run != h_base:
-                    # the paper's gains may be repairs of failure outputs (PAPER.md, point 1)
-                    txt += f"; outputs flagged as hallucination/repetition: {h_base} → {h_run}"
-                (better if cmp["delta"] < 0 else worse).append(txt + ".")
-            else:
-                flat.append(f"{label} ({_signed(cmp['delta'])}, {_p_eq(cmp['p'])})")
-        head = f"{model}, {protocol} protocol, {dataset}:"
-        items = []
-        items += [f"significantly better — {t}" for t in better]
-        items += [f"significantly worse — {t}" for t in worse]
-        if flat:
-            items.append("no significant change — " + "; ".join(flat) + ".")
-        blocks.append(("p", head))
-        blocks.append(("ul", items))
-    return blocks
 
 
 def curve_images(study: Study, out_dir: Path) -> list[Image]:
@@ -801,18 +697,477 @@ def study_blocks(study: Study) -> list[Block]:
     return [("ul", items)] if items else []
 
 
-def build_blocks(study: Study, img_dir: Path) -> list[Block]:
-    """All report blocks in order."""
+# ----------------------------------------------------------------------------------------------
+# the changes: every condition against its dense baseline (WER and CER), for the first figure
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Change:
+    """One condition on one data set against its dense baseline."""
+
+    row: dict
+    status: str  # "ok" | "collapsed"
+    wer: dict | None  # {"delta", "ci", "p"} (fractions)
+    cer: dict | None
+    top5_share: float | None = None
+    top_ids: tuple[str, ...] = ()
+    source: str = "recorded"  # "recorded" (runs.jsonl) | "computed" (from the utterance files)
+
+    @property
+    def key(self) -> tuple:
+        r = self.row
+        return (r.get("model"), r.get("protocol"), r.get("dataset"))
+
+    @property
+    def label(self) -> str:
+        return str(self.row.get("condition") or self.row.get("variant") or self.row.get("group"))
+
+
+def _cmp_dict(delta, ci, p) -> dict | None:
+    if delta is None:
+        return None
+    return {"delta": float(delta), "ci": [float(ci[0]), float(ci[1])] if ci else None,
+            "p": None if p is None else float(p)}
+
+
+def changes(study: Study) -> list[Change]:
+    """Every non-baseline condition that finished (or collapsed), with its WER and CER change.
+
+    The WER change is the one recorded by the sweep (``comparison``); the CER change, and the WER
+    change of rows written without one, are computed from the two runs' ``utterances.jsonl``
+    with the procedure of :func:`asrprune.evaluation.compare` (:func:`asrprune.evidence.paired_change`).
+    """
+    out = []
+    for r in study.runs:
+        if normalise_group(r.get("group")) == "baseline":
+            continue
+        if _collapsed(r):
+            c = r["collapsed"]
+            out.append(Change(r, "collapsed", _cmp_dict(c["delta"], c["ci"], c.get("p")), None))
+            continue
+        if not _ok(r):
+            continue
+        rec = r.get("comparison") or {}
+        wer = _cmp_dict(rec.get("delta", rec.get("delta_wer")), rec.get("ci", rec.get("delta_ci")),
+                        rec.get("p", rec.get("p_value"))) if rec else None
+        cer = _cmp_dict(rec.get("delta_cer"), rec.get("delta_cer_ci"), rec.get("p_value_cer")) if rec else None
+        share = rec.get("top5_share", rec.get("top_share")) if rec else None
+        top = tuple(t["id"] for t in rec.get("top") or [] if isinstance(t, Mapping) and "id" in t)
+        source = "recorded"
+        if wer is None or cer is None or not top:
+            base = study.baseline_of(r)
+            ra, rb = (study.utterances(base) if base else None), study.utterances(r)
+            if ra and rb:
+                pc = paired_change(ra, rb)
+                if wer is None:
+                    wer, share, source = _cmp_dict(pc["delta_wer"], pc["delta_ci"], pc["p_value"]), pc["top_share"], "computed"
+                if cer is None:
+                    cer = _cmp_dict(pc["delta_cer"], pc["delta_cer_ci"], pc["p_value_cer"])
+                top = top or tuple(pc["top"])
+        if wer is None:
+            continue
+        out.append(Change(r, "ok", wer, cer, None if share is None else float(share), top, source))
+    return out
+
+
+def forest_csv(items: Sequence[Change], path: Path) -> Path:
+    """``report/forest.csv``: one line per condition, data set and metric."""
+    lines = ["model,protocol,dataset,condition,variant,run_id,status,metric,delta,ci_low,ci_high,p,significant,source"]
+    for c in items:
+        for metric, d in (("wer", c.wer), ("cer", c.cer)):
+            if d is None:
+                continue
+            lo, hi = (d["ci"] or [None, None])
+            cells = [c.row.get("model"), c.row.get("protocol"), c.row.get("dataset"), c.label, c.row.get("variant"),
+                     c.row.get("run_id"), c.status, metric, d["delta"], lo, hi, d["p"],
+                     c.status == "ok" and significant(d), c.source if metric == "wer" else "computed"
+                     if c.cer is not None and c.source == "computed" else c.source]
+            lines.append(",".join(_csv_cell(x) for x in cells))
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _csv_cell(x) -> str:
+    if x is None:
+        return ""
+    if isinstance(x, float):
+        return repr(x)
+    text = str(x)
+    return '"' + text.replace('"', '""') + '"' if any(ch in text for ch in ',"\n') else text
+
+
+def forest_images(study: Study, items: Sequence[Change], out_dir: Path) -> list[Image]:
+    """The report's first figure: ΔWER (and ΔCER) of every condition against its dense
+    baseline with the paired 95% interval, one panel per data set, the zero line, significant
+    changes filled (red worse, blue better), collapsed runs as a triangle at their interim
+    lower bound."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    by_mp: "OrderedDict[tuple, list[Change]]" = OrderedDict()
+    for c in items:
+        by_mp.setdefault((c.row.get("model"), c.row.get("protocol")), []).append(c)
+    images = []
+    for i, ((model, protocol), cs) in enumerate(by_mp.items()):
+        datasets = list(dict.fromkeys(c.row.get("dataset") for c in cs))
+        labels = list(dict.fromkeys(c.label for c in cs))
+        for metric in ("wer", "cer"):
+            if not any(getattr(c, metric) for c in cs):
+                continue
+            height = 1.2 + 0.24 * len(labels)
+            fig, axes = plt.subplots(1, len(datasets), figsize=(min(12.5, 3.2 + 3.1 * len(datasets)), height), dpi=100,
+                                     squeeze=False, sharey=True)
+            for ax, ds in zip(axes[0], datasets):
+                ax.axvline(0, color="black", lw=0.8)
+                for c in (c for c in cs if c.row.get("dataset") == ds):
+                    d = getattr(c, metric)
+                    if d is None:
+                        continue
+                    y = labels.index(c.label)
+                    x = 100 * d["delta"]
+                    lo, hi = ((100 * d["ci"][0], 100 * d["ci"][1]) if d["ci"] else (x, x))
+                    if c.status == "collapsed":
+                        ax.plot([lo], [y], marker=">", color="darkred", ms=7, ls="none")
+                        continue
+                    sig = significant(d)
+                    color = ("tab:red" if x > 0 else "tab:blue") if sig else "grey"
+                    ax.errorbar([x], [y], xerr=[[x - lo], [hi - x]], fmt="o", color=color, ms=4, capsize=2,
+                                mfc=color if sig else "white", lw=1)
+                ax.set_xscale("symlog", linthresh=2.0)
+                ax.set_title(str(ds), fontsize=9)
+                ax.set_xlabel(f"Δ{metric.upper()} vs dense (points, symlog)", fontsize=8)
+                ax.grid(True, axis="x", alpha=0.3)
+                ax.tick_params(axis="x", labelsize=7)
+            axes[0][0].set_yticks(range(len(labels)), labels, fontsize=7)
+            axes[0][0].invert_yaxis()
+            fig.suptitle(f"{model}, {protocol} protocol: Δ{metric.upper()} [95% CI]", fontsize=9)
+            fig.tight_layout()
+            name = f"forest_{metric}.png" if i == 0 else f"forest_{metric}_{i}.png"
+            path = out_dir / name
+            fig.savefig(path, metadata={"Software": None})
+            plt.close(fig)
+            images.append(Image(path, f"Forest plot of Δ{metric.upper()}, {model}, {protocol} protocol",
+                                f"Δ{metric.upper()} of every condition against the dense baseline on the same "
+                                "utterances, paired bootstrap 95% interval; filled = significant (p < 0.05 and the "
+                                "interval excludes 0; red worse, blue better); ▶ = collapsed, at the interim lower "
+                                "bound. Data: report/forest.csv."))
+    return images
+
+
+def verdict_tables(study: Study, items: Sequence[Change]) -> list[Block]:
+    """The summary as verdicts: one short line per condition, one column per data set."""
+    blocks: list[Block] = []
+    ok = [r for r in study.runs if _ok(r)]
+    n_failed = len([r for r in study.runs if not _ok(r) and not _collapsed(r)])
+    n_coll = len([r for r in study.runs if _collapsed(r)])
+    blocks.append(("p", f"{len(study.runs)} runs recorded: {len(ok)} finished, {n_coll} stopped early as collapsed, "
+                        f"{n_failed} failed."))
+    by_mp: "OrderedDict[tuple, list[Change]]" = OrderedDict()
+    for c in items:
+        by_mp.setdefault((c.row.get("model"), c.row.get("protocol")), []).append(c)
+    for (model, protocol), cs in by_mp.items():
+        datasets = list(dict.fromkeys(c.row.get("dataset") for c in cs))
+        labels = list(dict.fromkeys(c.label for c in cs))
+        body = []
+        for label in labels:
+            line = [label]
+            note = []
+            for ds in datasets:
+                c = next((c for c in cs if c.label == label and c.row.get("dataset") == ds), None)
+                if c is None:
+                    line.append("—")
+                    continue
+                d = c.wer
+                if c.status == "collapsed":
+                    line.append(f"collapsed, > +{100 * float(c.row['collapsed']['threshold']):g}")
+                    continue
+                if significant(d):
+                    line.append(f"{'worse' if d['delta'] > 0 else 'better'} {_signed(d['delta'])} *")
+                    if c.top5_share is not None and float(c.top5_share) > 0.5:
+                        note.append(f"{ds}: {100 * float(c.top5_share):.0f}% from 5 utterances")
+                else:
+                    line.append(f"no change {_signed(d['delta'])}")
+            line.append("; ".join(note) or "—")
+            body.append(line)
+        blocks.append(Table(["condition", *[str(d) for d in datasets], "rests on few utterances"], body,
+                            f"{model}, {protocol} protocol: ΔWER in points against the dense baseline; * = significant "
+                            "(p < 0.05 and the 95% interval excludes 0). A change that rests on few utterances is "
+                            "shown word by word under \"The utterances behind the changes\"."))
+    if not by_mp:
+        blocks.append(("p", "No run has a comparison with its baseline yet."))
+    return blocks
+
+
+# The paper's claims (Whisper-small, LibriSpeech test-other unless said): key, claim, paper Δ
+# (points; None where the paper gives a direction only), the direction, how our rows match it.
+CLAIMS: tuple[tuple[str, str, float | None, int, Callable[[Mapping], bool]], ...] = (
+    ("dsa50", "decoder self-attention 50% improves WER", -2.38, -1,
+     lambda r: normalise_group(r.get("group")) == "decoder_self_attn" and _at(r, 0.5)),
+    ("late50", "last encoder layers 50% improve WER", -1.72, -1,
+     lambda r: normalise_group(r.get("group")) == "late_encoder" and _at(r, 0.5)),
+    ("ffn", "decoder FFN is fragile: beyond 30% it collapses", None, +1,
+     lambda r: normalise_group(r.get("group")) == "decoder_ffn" and (r.get("target_sparsity") or 0) > 0.3 + 1e-9),
+    ("biases", "biases are fragile: +7.53 at 10%", 7.53, +1,
+     lambda r: r.get("selector") == "biases" and _at(r, 0.1)),
+    ("early_decoder", "early decoder layers are fragile: +67.5 at 50%", 67.5, +1,
+     lambda r: r.get("selector") == "early_decoder" and _at(r, 0.5)),
+    ("global40", "global magnitude 40% collapses", 49.68, +1,
+     lambda r: normalise_group(r.get("group")) == "global" and _at(r, 0.4)),
+    ("plan408", "the sensitivity-aware 40.8% plan stays within noise", 0.20, 0,
+     lambda r: normalise_group(r.get("group")) == "paper_plan"),
+)
+
+
+def _at(row: Mapping, s: float) -> bool:
+    return row.get("target_sparsity") is not None and abs(float(row["target_sparsity"]) - s) < 0.011
+
+
+def claim_verdict(ours: Mapping, paper_delta: float | None, direction: int) -> str:
+    """``reproduced``: our interval excludes 0 in the paper's direction; ``opposite``: it excludes
+    0 the other way; ``not reproduced``: it includes 0 but not the paper's Δ; ``inconclusive``: it
+    includes both (or the paper gives a direction only and ours includes 0). A claim of no change
+    (``direction`` 0) is reproduced when our interval includes 0, else not reproduced."""
+    lo, hi = ours["ci"]
+    if direction == 0:  # a claim of no change: ours must include 0
+        return "reproduced" if lo <= 0 <= hi else "not reproduced"
+    if (direction > 0 and lo > 0) or (direction < 0 and hi < 0):
+        return "reproduced"
+    if (direction > 0 and hi < 0) or (direction < 0 and lo > 0):
+        return "opposite"
+    if paper_delta is not None and not lo <= paper_delta / 100 <= hi:
+        return "not reproduced"
+    return "inconclusive"
+
+
+def claims_table(items: Sequence[Change]) -> Table:
+    """The paper's claims, each with our measurement (model, data set, ΔWER [95% CI]) and a verdict."""
+    rows = []
+    libri = [c for c in items if paper_set(str(c.row.get("dataset", ""))) == "test-other"]
+    pool = libri or list(items)
+    for _key, claim, pdelta, direction, match in CLAIMS:
+        mine = [c for c in pool if match(c.row)]
+        paper = "—" if pdelta is None else f"{pdelta:+.2f}"
+        if not mine:
+            rows.append([claim, paper, "not in this study", "—", "—"])
+            continue
+        for c in mine:
+            d = c.wer
+            if c.status == "collapsed":
+                ours = f"> +{100 * float(c.row['collapsed']['threshold']):g} (collapsed)"
+                verdict = "reproduced" if direction > 0 else "opposite" if direction < 0 else "not reproduced"
+            else:
+                ours = f"{_signed(d['delta'])} [{_signed(d['ci'][0])}, {_signed(d['ci'][1])}]"
+                verdict = claim_verdict(d, pdelta, direction)
+            rows.append([claim, paper, ours, f"{c.row.get('model')}, {c.row.get('dataset')}, {c.label}", verdict])
+    return Table(["claim", "paper Δ (Whisper-small, test-other)", "ours Δ [95% CI]", "measured on", "verdict"], rows,
+                 "The paper's claims against ours (ΔWER in points; ours on the models and sets of this study). "
+                 "reproduced: our interval excludes 0 in the paper's direction; opposite: it excludes 0 the other way; "
+                 "not reproduced: it includes 0 but not the paper's Δ; inconclusive: it includes both; a claim of no "
+                 "change is reproduced when our interval includes 0.")
+
+
+def anatomy_blocks(study: Study, items: Sequence[Change], out_dir: Path) -> list[Block]:
+    """Substitutions, deletions and insertions per 100 reference words for every condition and
+    its baseline, the outputs flagged as hallucination or repetition, the share of the change
+    carried by the top-5 utterances; a table and a stacked bar per model, protocol and set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks: list[Block] = []
+    share = {c.row.get("run_id"): c.top5_share for c in items}
+    keyed: "OrderedDict[tuple, list[dict]]" = OrderedDict()
+    for r in study.runs:
+        if _ok(r) and isinstance((r.get("summary") or {}).get("counts"), Mapping):
+            keyed.setdefault((r.get("model"), r.get("protocol"), r.get("dataset")), []).append(r)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, ((model, protocol, dataset), rs) in enumerate(keyed.items()):
+        body, bars = [], []
+        for r in rs:
+            c = r["summary"]["counts"]
+            w = max(int(c.get("ref_words") or 0), 1)
+            sdi = [100 * int(c.get(k) or 0) / w for k in ("substitutions", "deletions", "insertions")]
+            flags = r["summary"].get("n_hallucination")
+            sh = share.get(r.get("run_id"))
+            body.append([str(r.get("condition") or r.get("variant")), *(f"{x:.2f}" for x in sdi),
+                         "—" if flags is None else str(flags), "—" if sh is None else f"{100 * float(sh):.0f}%"])
+            bars.append((str(r.get("condition") or r.get("variant")), sdi))
+        blocks.append(("h3", f"Error anatomy: {model}, {dataset}, {protocol} protocol"))
+        blocks.append(Table(["condition", "substitutions /100 words", "deletions /100 words", "insertions /100 words",
+                             "hallucination or repetition flags", "top-5 share of the change"], body,
+                            "Error types per 100 reference words (their sum is the WER in points); flags: outputs "
+                            "flagged as hallucination or repetition loop; top-5 share: the part of the WER change "
+                            "that the 5 utterances that changed most carry."))
+        fig, ax = plt.subplots(figsize=(9, 1.0 + 0.24 * len(bars)), dpi=100)
+        left = np.zeros(len(bars))
+        for k, (name, color) in enumerate((("substitutions", "tab:orange"), ("deletions", "tab:purple"),
+                                           ("insertions", "tab:green"))):
+            vals = np.array([b[1][k] for b in bars])
+            ax.barh(range(len(bars)), vals, left=left, color=color, label=name)
+            left += vals
+        ax.set_yticks(range(len(bars)), [b[0] for b in bars], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xscale("symlog", linthresh=10)
+        ax.set_xlabel("errors per 100 reference words (symlog)", fontsize=8)
+        ax.legend(fontsize=7, loc="lower right")
+        ax.set_title(f"{model}, {dataset}", fontsize=9)
+        fig.tight_layout()
+        path = out_dir / ("anatomy.png" if i == 0 else f"anatomy_{i}.png")
+        fig.savefig(path, metadata={"Software": None})
+        plt.close(fig)
+        blocks.append(Image(path, f"Error anatomy, {model}, {dataset}", "Substitutions, deletions and insertions per "
+                            "100 reference words, stacked (the bar's length is the WER in points)."))
+    return blocks
+
+
+@dataclass
+class Details:
+    """A collapsible block (``<details>`` in HTML, a heading and plain text in Markdown)."""
+
+    summary: str
+    text: str  # Markdown / plain form
+    html: str  # HTML body (trusted: built here, escaped)
+
+
+def _flagged(c: Change) -> bool:
+    return c.status == "ok" and significant(c.wer) and c.top5_share is not None and float(c.top5_share) > 0.5
+
+
+_MAX_ALIGNED = 80  # aligned positions shown per hypothesis (a loop to the token cap is cut, with a count)
+
+
+def utterance_blocks(study: Study, items: Sequence[Change], show: Sequence[str] = ()) -> list[Block]:
+    """For each change that rests on few utterances (significant, top-5 share above one half) and
+    each condition named in ``show`` (``all``: every one), its top-5 utterances: reference, dense
+    hypothesis, pruned hypothesis, each hypothesis word-aligned to the reference with its errors
+    marked (:func:`asrprune.evidence.align_words`)."""
+    e = html.escape
+    out: list[Block] = []
+    for c in items:
+        wanted = _flagged(c) or "all" in show or c.row.get("variant") in show or c.label in show
+        if not wanted or c.status != "ok" or not c.top_ids:
+            continue
+        base = study.baseline_of(c.row)
+        ra, rb = (study.utterances(base) if base else None), study.utterances(c.row)
+        if not ra or not rb:
+            continue
+        a, b = {r["id"]: r for r in ra}, {r["id"]: r for r in rb}
+        texts, parts = [], []
+        for uid in c.top_ids:
+            if uid not in a or uid not in b:
+                continue
+            ref = a[uid].get("reference_norm") or ""
+            dense, pruned = a[uid].get("hypothesis_norm") or "", b[uid].get("hypothesis_norm") or ""
+            pa, pb = align_words(ref, dense), align_words(ref, pruned)
+            de = sum(op != "=" for op, _, _ in pa)
+            pe = sum(op != "=" for op, _, _ in pb)
+            more = lambda pairs: "" if len(pairs) <= _MAX_ALIGNED else f" … {len(pairs) - _MAX_ALIGNED} more positions"  # noqa: E731
+            texts.append(f"{uid}: {de} errors dense, {pe} pruned ({pe - de:+d})\n"
+                         + aligned_text(pa[:_MAX_ALIGNED], labels=("REF", "DENSE")) + more(pa) + "\n"
+                         + aligned_text(pb[:_MAX_ALIGNED], labels=("REF", "PRUNED")) + more(pb))
+            parts.append(f'<div class="utt"><p class="uid"><b>{e(uid)}</b>: {de} errors dense, {pe} pruned ({pe - de:+d})</p>'
+                         f'<p class="lbl">dense</p>{aligned_html(pa[:_MAX_ALIGNED])}{e(more(pa))}'
+                         f'<p class="lbl">pruned</p>{aligned_html(pb[:_MAX_ALIGNED])}{e(more(pb))}</div>')
+        if not parts:
+            continue
+        why = "rests on few utterances" if _flagged(c) else "on request"
+        title = (f"{c.label}, {c.row.get('dataset')} ({c.row.get('model')}): ΔWER {_signed(c.wer['delta'])}, "
+                 f"{len(parts)} utterances that carry it ({why})")
+        out.append(Details(title, "\n\n".join(texts), "".join(parts)))
+    return out
+
+
+def dataset_tables(study: Study) -> list[tuple[str, Table]]:
+    """The results, one table per model, protocol and data set (so that a table fits a laptop
+    window): condition, selector, sparsity, WER, ΔWER, p, and the paper's WER where it has one."""
+    out = []
+    keyed: "OrderedDict[tuple, list[dict]]" = OrderedDict()
+    for r in study.runs:
+        keyed.setdefault((str(r.get("model", "?")), str(r.get("protocol", "?")), str(r.get("dataset", "?"))), []).append(r)
+    first_seen: dict[str, int] = {}
+    for r in study.runs:
+        first_seen.setdefault(normalise_group(r.get("group")), len(first_seen))
+    for (model, protocol, dataset), rows in keyed.items():
+        cells: dict[tuple, dict] = {}
+        for r in rows:
+            cells.setdefault(_condition_key(r), r)
+        with_paper = paper_set(dataset) is not None and any(paper_wer(r) is not None for r in rows)
+        headers = ["condition", "selector", "sparsity % (linear / all)", "WER % [95% CI]", "Δ WER [95% CI]", "p"]
+        if with_paper:
+            headers.append("paper WER %")
+        body = []
+        for key in _sort_conditions(cells.keys(), first_seen):
+            r = cells[key]
+            label, _g, _t, sel = key
+            line = [str(label), str(sel or "—"), f"{_pct(r.get('sparsity_linear'), 1)} / {_pct(r.get('sparsity_all'), 1)}"]
+            if _collapsed(r):
+                line += list(collapsed_cells(r["collapsed"]))
+            elif not _ok(r):
+                line += ["failed", "—", "—"]
+            else:
+                s = r["summary"]
+                ci = s.get("wer_ci")
+                w = _pct(s.get("wer")) + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "")
+                cmp = comparison(r)
+                if cmp:
+                    dtxt = _signed(cmp["delta"])
+                    if cmp["ci"]:
+                        dtxt += f" [{_signed(cmp['ci'][0])}, {_signed(cmp['ci'][1])}]"
+                    if significant(cmp):
+                        dtxt += " *"
+                    line += [w, dtxt, _p(cmp["p"])]
+                else:
+                    line += [w, "—", "—"]
+            if with_paper:
+                pw = paper_wer(r)
+                line.append("—" if pw is None else f"{pw:.2f}")
+            body.append(line)
+        caption = (f"{model}, {dataset}, {protocol} protocol. WER in percent with its 95% bootstrap interval; "
+                   "Δ = pruned minus baseline (points) with the paired-bootstrap 95% interval and p; "
+                   "* = significant (p < 0.05 and the interval excludes 0).")
+        out.append((f"{model} — {dataset} — {protocol} protocol", Table(headers, body, caption)))
+    return out
+
+
+def build_blocks(study: Study, img_dir: Path, *, show: Sequence[str] = ()) -> list[Block]:
+    """All report blocks in order: what a reader needs first comes first (the forest plot, the
+    verdicts, the paper's claims), then the tables per data set, the error anatomy, the
+    utterances behind the changes, methods, structure, curves, sizes, sensitivity."""
+    items = changes(study)
     blocks: list[Block] = [("h1", "asrprune study report")]
-    blocks.append(("p", f"Built {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from the result files in {study.root.name}/."))
-    blocks += study_blocks(study)
-    blocks.append(("h2", "Summary"))
-    blocks += summary_paragraphs(study)
+    blocks.append(("p", f"Built {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from the result files "
+                        f"in {study.root.name}/."))
+    blocks.append(("toc", None))
+    blocks.append(("h2", "At a glance"))
+    if items:
+        img_dir.mkdir(parents=True, exist_ok=True)
+        forest_csv(items, img_dir / "forest.csv")
+        forest = forest_images(study, items, img_dir)
+        blocks += [b for b in forest if "WER" in b.alt]
+    blocks += verdict_tables(study, items)
+    blocks.append(("h2", "The paper's claims"))
+    blocks.append(claims_table(items))
+    blocks.append(("p", PAPER_NOTE))
     blocks.append(("h2", "Results"))
-    for title, table in main_tables(study):
+    for title, table in dataset_tables(study):
         blocks.append(("h3", title))
         blocks.append(table)
-    blocks.append(("p", PAPER_NOTE))
+    ft = failed_table(study)
+    if ft:
+        blocks.append(("h3", "Failed runs"))
+        blocks.append(ft)
+    if items:
+        blocks += [b for b in forest if "CER" in b.alt]
+    blocks.append(("h2", "Error anatomy"))
+    blocks += anatomy_blocks(study, items, img_dir)
+    blocks.append(("h2", "The utterances behind the changes"))
+    ub = utterance_blocks(study, items, show)
+    blocks += ub if ub else [("p", "No change rests on few utterances (and none was asked for with --show).")]
     mb = method_blocks(study, img_dir)
     if mb:
         blocks.append(("h2", "Methods"))
@@ -821,10 +1176,6 @@ def build_blocks(study: Study, img_dir: Path) -> list[Block]:
     if sb:
         blocks.append(("h2", "Structure: size, speed and WER"))
         blocks += sb
-    ft = failed_table(study)
-    if ft:
-        blocks.append(("h3", "Failed runs"))
-        blocks.append(ft)
     blocks.append(("h2", "WER versus sparsity"))
     imgs = curve_images(study, img_dir)
     blocks += imgs if imgs else [("p", "No component sweep with sparsity levels in this study.")]
@@ -836,6 +1187,8 @@ def build_blocks(study: Study, img_dir: Path) -> list[Block]:
     if pct is not None:
         blocks.append(("h3", "Whole plans on the calibration loss"))
         blocks.append(pct)
+    blocks.append(("h2", "The study"))
+    blocks += study_blocks(study) or [("p", "study.json holds no options.")]
     return blocks
 
 
@@ -848,10 +1201,27 @@ def _md_cell(s: str) -> str:
     return str(s).replace("|", "\\|").replace("\n", " ")
 
 
+def _anchor(text: str) -> str:
+    return "sec-" + re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _toc(blocks: Sequence[Block]) -> list[tuple[str, str]]:
+    return [(b[1], _anchor(b[1])) for b in blocks if isinstance(b, tuple) and b[0] == "h2"]
+
+
 def render_markdown(blocks: Sequence[Block], base: Path) -> str:
     """Markdown with images linked relative to ``base`` (the directory report.md is written to)."""
     out = []
     for b in blocks:
+        if isinstance(b, Details):
+            out.append(f"**{b.summary}**\n")
+            out.append("```text\n" + b.text + "\n```\n")
+            continue
+        if isinstance(b, tuple) and b[0] == "toc":
+            out.append("Contents: " + " · ".join(f"[{t}](#{a})" for t, a in _toc(blocks)) + "\n")
+            continue
+        if isinstance(b, tuple) and b[0] == "h2":
+            out.append(f'<a id="{_anchor(b[1])}"></a>\n')
         if isinstance(b, Table):
             if b.caption:
                 out.append(b.caption + "\n")
@@ -882,15 +1252,26 @@ def _relpath(path: Path, base: Path) -> str:
 
 
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1400px;
-padding:0 1em;color:#222;line-height:1.4}
-table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:13px}
-th,td{border:1px solid #ccc;padding:3px 6px;text-align:right;white-space:nowrap}
-th{background:#f2f2f2} td:first-child,td:nth-child(2),th:first-child{text-align:left}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.5em auto;max-width:1180px;
+padding:0 1em;color:#222;line-height:1.4;overflow-wrap:anywhere}
+nav{font-size:13px;margin:.5em 0 1em} nav a{margin-right:.9em;white-space:nowrap}
+table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:13px;width:100%;table-layout:auto}
+th,td{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top;overflow-wrap:anywhere;
+font-variant-numeric:tabular-nums}
+th{background:#f2f2f2;font-weight:600} td.num{text-align:right}
 caption{caption-side:top;text-align:left;font-size:12px;color:#555;padding-bottom:4px}
-figure{margin:1em 0} figcaption{font-size:12px;color:#555} img{max-width:100%}
-.scroll{overflow-x:auto}
+figure{margin:1em 0} figcaption{font-size:12px;color:#555} img{max-width:100%;height:auto}
+details{margin:.4em 0;border:1px solid #ddd;border-radius:4px;padding:.3em .6em}
+summary{cursor:pointer;font-size:14px}
+.utt{margin:.6em 0}.uid{margin:.2em 0}.lbl{margin:.2em 0 0;font-size:11px;color:#666}
+.align{display:block;line-height:1.1}
+.w{display:inline-block;margin:0 2px 4px 0;text-align:center;font-family:ui-monospace,Menlo,monospace;font-size:12px}
+.w .r,.w .h{display:block;padding:0 2px}.w .r{color:#555}
+.w.sub .h{background:#fde0b8}.w.del .h{background:#f6c4c4}.w.ins .h{background:#cdeccd}.w.ins .r{color:#aaa}
 """
+
+
+_NUMERIC = re.compile(r"^(?:[-+−]?\d[\d.,]*(?:%| /)?|—|<0\.001)(?:\s|$|\[)")
 
 
 def render_html(blocks: Sequence[Block]) -> str:
@@ -899,12 +1280,19 @@ def render_html(blocks: Sequence[Block]) -> str:
     body = []
     title = "asrprune study report"
     for b in blocks:
+        if isinstance(b, Details):
+            body.append(f"<details><summary>{e(b.summary)}</summary>{b.html}</details>")
+            continue
+        if isinstance(b, tuple) and b[0] == "toc":
+            body.append("<nav>Contents: " + "".join(f'<a href="#{a}">{e(t)}</a>' for t, a in _toc(blocks)) + "</nav>")
+            continue
         if isinstance(b, Table):
-            rows = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in b.rows)
+            rows = "".join("<tr>" + "".join(f'<td class="num">{e(str(c))}</td>' if _NUMERIC.match(str(c)) else
+                                            f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in b.rows)
             body.append(
-                f'<div class="scroll"><table class="results"><caption>{e(b.caption)}</caption><thead><tr>'
+                f'<table class="results"><caption>{e(b.caption)}</caption><thead><tr>'
                 + "".join(f"<th>{e(h)}</th>" for h in b.headers)
-                + f"</tr></thead><tbody>{rows}</tbody></table></div>"
+                + f"</tr></thead><tbody>{rows}</tbody></table>"
             )
         elif isinstance(b, Image):
             data = base64.b64encode(b.path.read_bytes()).decode("ascii")
@@ -916,7 +1304,9 @@ def render_html(blocks: Sequence[Block]) -> str:
             kind, content = b
             if kind == "h1":
                 title = content
-            if kind in ("h1", "h2", "h3"):
+            if kind == "h2":
+                body.append(f'<h2 id="{_anchor(content)}">{e(content)}</h2>')
+            elif kind in ("h1", "h3"):
                 body.append(f"<{kind}>{e(content)}</{kind}>")
             elif kind == "ul":
                 body.append("<ul>" + "".join(f"<li>{e(i)}</li>" for i in content) + "</ul>")
@@ -937,12 +1327,15 @@ class ReportPaths:
     images: tuple[Path, ...]
 
 
-def build_report(study_dir: str | Path, *, out_dir: str | Path | None = None) -> ReportPaths:
+def build_report(study_dir: str | Path, *, out_dir: str | Path | None = None, show: Sequence[str] = ()) -> ReportPaths:
     """Rebuild ``report.md`` and ``report.html`` from a study directory's result files.
 
     Args:
         study_dir: the study directory (layout in docs/architecture.md).
-        out_dir: where to write (default: ``study_dir``); PNGs go to ``<out_dir>/report/``.
+        out_dir: where to write (default: ``study_dir``); PNGs and ``forest.csv`` go to
+            ``<out_dir>/report/``.
+        show: conditions (variant names or labels; ``all``) whose top-5 utterances are shown word
+            by word even when their change does not rest on few utterances.
 
     Returns:
         The paths written.
@@ -955,7 +1348,7 @@ def build_report(study_dir: str | Path, *, out_dir: str | Path | None = None) ->
     out = Path(out_dir) if out_dir is not None else study.root
     out.mkdir(parents=True, exist_ok=True)
     img_dir = out / "report"
-    blocks = build_blocks(study, img_dir)
+    blocks = build_blocks(study, img_dir, show=show)
     md_path, html_path = out / "report.md", out / "report.html"
     atomic_write_text(md_path, render_markdown(blocks, out))
     atomic_write_text(html_path, render_html(blocks))
