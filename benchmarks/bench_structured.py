@@ -233,7 +233,7 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "audio_s": audio_s, "rows": rows}, indent=2, default=str))
     if args.figure:
-        from asrprune.report import pareto_figure
+        from asrprune.figures import pareto_figure
 
         pareto_figure([{"series": r["engine"], "label": r["model"], "throughput": r["audio_s_per_s"], "size": r["size_mb"],
                         "wer": r["wer"]} for r in rows], Path(args.figure),

@@ -1029,7 +1029,7 @@ def _read_set(text: str, *, include=None, limit=None, sample=None, seed=0, encod
 def _run_sensitivity(args) -> int:
     from .calibration import LabelSpec
     from .models import load_model
-    from .report import draw_heatmaps
+    from .figures import draw_heatmaps
     from .sensitivity import SensitivityOptions, score_sensitivity
 
     prepare_out_dir(args.out, create=False)  # a file there is refused before any slow step

@@ -22,7 +22,6 @@ All numbers in the result files are fractions; the report shows WER and sparsity
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import logging
@@ -35,14 +34,11 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
-from matplotlib import patheffects
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import SymLogNorm
-from matplotlib.figure import Figure
 
-from .config import DIAGNOSTICS
 from .evidence import align_words, aligned_html, aligned_text, paired_change
-from .files import atomic_write_text, latest_rows, read_json, read_jsonl
+from .figures import pareto_figure
+from .files import atomic_write_text, latest_rows, read_jsonl
+from .render import Block, Details, Image, Table, render_html, render_markdown
 
 log = logging.getLogger(__name__)
 
@@ -310,23 +306,6 @@ def _datasets(study: Study) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Table:
-    headers: list[str]
-    rows: list[list[str]]
-    caption: str = ""
-
-
-@dataclass
-class Image:
-    path: Path  # absolute
-    alt: str
-    caption: str = ""
-
-
-Block = tuple  # ("h1"|"h2"|"h3"|"p"|"ul", text or list) | Table | Image
-
-
 def nonzero_table(study: Study) -> Table:
     """Non-zero parameter counts per model and condition (measured after pruning)."""
     seen: "OrderedDict[tuple, dict]" = OrderedDict()
@@ -554,41 +533,6 @@ def structure_blocks(study: Study, out_dir: Path) -> list[Block]:
         images.append(Image(path, f"Pareto: WER against throughput and parameters, {dataset}",
                             f"WER against throughput and against parameters ({dataset}, {protocol} protocol)."))
     return blocks + images
-
-
-def pareto_figure(points: Sequence[Mapping], path: Path, *, title: str, size_label: str) -> Path:
-    """Two panels, WER (log scale) against throughput and against size, one colour per series.
-
-    Args:
-        points: ``{"series", "label", "throughput" (audio s/s), "size", "wer" (fraction)}``.
-        path: the PNG to write.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
-    for series in dict.fromkeys(p["series"] for p in points):
-        pts = [p for p in points if p["series"] == series]
-        ys = [100 * float(p["wer"]) for p in pts]
-        for ax, key in zip(axes, ("throughput", "size")):
-            xs = [float(p[key]) for p in pts]
-            ax.scatter(xs, ys, label=series)
-            for x, y, p in zip(xs, ys, pts):
-                ax.annotate(str(p["label"]), (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
-    axes[0].set_xlabel("throughput (audio seconds per second)")
-    axes[1].set_xlabel(size_label)
-    for ax in axes:
-        ax.set_ylabel("WER (%), log scale")
-        ax.set_yscale("log")
-        ax.grid(True, alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, metadata={"Software": None})
-    plt.close(fig)
-    return path
 
 
 def sensitivity_blocks(study: Study) -> list[Block]:
@@ -1025,15 +969,6 @@ def anatomy_blocks(study: Study, items: Sequence[Change], out_dir: Path) -> list
     return blocks
 
 
-@dataclass
-class Details:
-    """A collapsible block (``<details>`` in HTML, a heading and plain text in Markdown)."""
-
-    summary: str
-    text: str  # Markdown / plain form
-    html: str  # HTML body (trusted: built here, escaped)
-
-
 def _flagged(c: Change) -> bool:
     return c.status == "ok" and significant(c.wer) and c.top5_share is not None and float(c.top5_share) > 0.5
 
@@ -1192,134 +1127,6 @@ def build_blocks(study: Study, img_dir: Path, *, show: Sequence[str] = ()) -> li
     return blocks
 
 
-# ----------------------------------------------------------------------------------------------
-# rendering
-# ----------------------------------------------------------------------------------------------
-
-
-def _md_cell(s: str) -> str:
-    return str(s).replace("|", "\\|").replace("\n", " ")
-
-
-def _anchor(text: str) -> str:
-    return "sec-" + re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
-def _toc(blocks: Sequence[Block]) -> list[tuple[str, str]]:
-    return [(b[1], _anchor(b[1])) for b in blocks if isinstance(b, tuple) and b[0] == "h2"]
-
-
-def render_markdown(blocks: Sequence[Block], base: Path) -> str:
-    """Markdown with images linked relative to ``base`` (the directory report.md is written to)."""
-    out = []
-    for b in blocks:
-        if isinstance(b, Details):
-            out.append(f"**{b.summary}**\n")
-            out.append("```text\n" + b.text + "\n```\n")
-            continue
-        if isinstance(b, tuple) and b[0] == "toc":
-            out.append("Contents: " + " · ".join(f"[{t}](#{a})" for t, a in _toc(blocks)) + "\n")
-            continue
-        if isinstance(b, tuple) and b[0] == "h2":
-            out.append(f'<a id="{_anchor(b[1])}"></a>\n')
-        if isinstance(b, Table):
-            if b.caption:
-                out.append(b.caption + "\n")
-            out.append("| " + " | ".join(_md_cell(h) for h in b.headers) + " |")
-            out.append("|" + "|".join(" --- " for _ in b.headers) + "|")
-            out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows]
-            out.append("")
-        elif isinstance(b, Image):
-            rel = Path(_relpath(b.path, base))
-            out.append(f"![{b.alt}]({rel.as_posix()})\n")
-            if b.caption:
-                out.append(f"*{b.caption}*\n")
-        else:
-            kind, content = b
-            if kind in ("h1", "h2", "h3"):
-                out.append("#" * int(kind[1]) + " " + content + "\n")
-            elif kind == "ul":
-                out += [f"- {item}" for item in content] + [""]
-            else:
-                out.append(content + "\n")
-    return "\n".join(out).rstrip() + "\n"
-
-
-def _relpath(path: Path, base: Path) -> str:
-    import os
-
-    return os.path.relpath(path, base)
-
-
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.5em auto;max-width:1180px;
-padding:0 1em;color:#222;line-height:1.4;overflow-wrap:anywhere}
-nav{font-size:13px;margin:.5em 0 1em} nav a{margin-right:.9em;white-space:nowrap}
-table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:13px;width:100%;table-layout:auto}
-th,td{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top;overflow-wrap:anywhere;
-font-variant-numeric:tabular-nums}
-th{background:#f2f2f2;font-weight:600} td.num{text-align:right}
-caption{caption-side:top;text-align:left;font-size:12px;color:#555;padding-bottom:4px}
-figure{margin:1em 0} figcaption{font-size:12px;color:#555} img{max-width:100%;height:auto}
-details{margin:.4em 0;border:1px solid #ddd;border-radius:4px;padding:.3em .6em}
-summary{cursor:pointer;font-size:14px}
-.utt{margin:.6em 0}.uid{margin:.2em 0}.lbl{margin:.2em 0 0;font-size:11px;color:#666}
-.align{display:block;line-height:1.1}
-.w{display:inline-block;margin:0 2px 4px 0;text-align:center;font-family:ui-monospace,Menlo,monospace;font-size:12px}
-.w .r,.w .h{display:block;padding:0 2px}.w .r{color:#555}
-.w.sub .h{background:#fde0b8}.w.del .h{background:#f6c4c4}.w.ins .h{background:#cdeccd}.w.ins .r{color:#aaa}
-"""
-
-
-_NUMERIC = re.compile(r"^(?:[-+−]?\d[\d.,]*(?:%| /)?|—|<0\.001)(?:\s|$|\[)")
-
-
-def render_html(blocks: Sequence[Block]) -> str:
-    """A self-contained HTML page: inline CSS, images as base64 data URIs, no external links."""
-    e = html.escape
-    body = []
-    title = "asrprune study report"
-    for b in blocks:
-        if isinstance(b, Details):
-            body.append(f"<details><summary>{e(b.summary)}</summary>{b.html}</details>")
-            continue
-        if isinstance(b, tuple) and b[0] == "toc":
-            body.append("<nav>Contents: " + "".join(f'<a href="#{a}">{e(t)}</a>' for t, a in _toc(blocks)) + "</nav>")
-            continue
-        if isinstance(b, Table):
-            rows = "".join("<tr>" + "".join(f'<td class="num">{e(str(c))}</td>' if _NUMERIC.match(str(c)) else
-                                            f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in b.rows)
-            body.append(
-                f'<table class="results"><caption>{e(b.caption)}</caption><thead><tr>'
-                + "".join(f"<th>{e(h)}</th>" for h in b.headers)
-                + f"</tr></thead><tbody>{rows}</tbody></table>"
-            )
-        elif isinstance(b, Image):
-            data = base64.b64encode(b.path.read_bytes()).decode("ascii")
-            body.append(
-                f'<figure><img src="data:image/png;base64,{data}" alt="{e(b.alt)}">'
-                f"<figcaption>{e(b.caption)}</figcaption></figure>"
-            )
-        else:
-            kind, content = b
-            if kind == "h1":
-                title = content
-            if kind == "h2":
-                body.append(f'<h2 id="{_anchor(content)}">{e(content)}</h2>')
-            elif kind in ("h1", "h3"):
-                body.append(f"<{kind}>{e(content)}</{kind}>")
-            elif kind == "ul":
-                body.append("<ul>" + "".join(f"<li>{e(i)}</li>" for i in content) + "</ul>")
-            else:
-                body.append(f"<p>{e(content)}</p>")
-    return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<title>{e(title)}</title><style>{_CSS}</style></head><body>\n"
-        + "\n".join(body)
-        + "\n</body></html>\n"
-    )
-
-
 @dataclass(frozen=True)
 class ReportPaths:
     markdown: Path
@@ -1357,81 +1164,3 @@ def build_report(study_dir: str | Path, *, out_dir: str | Path | None = None, sh
     return ReportPaths(md_path, html_path, images)
 
 
-def draw_heatmaps(sensitivity: Mapping | str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    """The sensitivity heatmaps (layers x component kinds) drawn from ``sensitivity.json``.
-
-    One PNG per diagnostic (``heatmap_<diagnostic>.png``: log10 of the per-parameter mean) and,
-    per ablation sparsity ``s``, the measured (``heatmap_loss_delta_<s>.png``) and predicted
-    (``heatmap_predicted_total_<s>.png``) loss change of pruning each component alone.
-
-    Args:
-        sensitivity: the parsed ``sensitivity.json``, the file, or its folder.
-        out_dir: where the PNGs go (default: the folder of the file; required for a mapping).
-
-    Returns:
-        The paths written.
-    """
-    if isinstance(sensitivity, Mapping):
-        data = sensitivity
-        if out_dir is None:
-            raise ValueError("draw_heatmaps: give out_dir with a parsed sensitivity.json")
-    else:
-        path = Path(sensitivity)
-        path = path / "sensitivity.json" if path.is_dir() else path
-        data = read_json(path)
-        if data is None:
-            raise FileNotFoundError(f"{path}: no readable sensitivity.json")
-        out_dir = out_dir if out_dir is not None else path.parent
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = [c for c in data["components"] if c.get("layer") is not None]
-    if not rows:
-        return []
-    kinds = list(dict.fromkeys(c["kind"] for c in rows))
-    present = {int(c["layer"]) for c in rows}
-    layers = list(range(min(present), max(present) + 1))
-    written = []
-    panels = [(d, f"{d}: log10 per-parameter mean", lambda c, d=d: c["diagnostics"][d]["mean"], True) for d in DIAGNOSTICS]
-    for s in data["options"].get("ablation_sparsities", []):
-        k = f"{s:g}"
-        panels.append((f"loss_delta_{k}", f"measured loss change, pruned alone at s={k} ({data.get('loss_units', 'nats')})",
-                       lambda c, k=k: c["ablation"].get(k, {}).get("loss_delta"), False))
-        panels.append((f"predicted_total_{k}", f"predicted loss change (first + second order) at s={k}",
-                       lambda c, k=k: c["predicted"].get(k, {}).get("total"), False))
-    for name, title, get, log10 in panels:
-        grid = np.full((len(layers), len(kinds)), np.nan)
-        for c in rows:
-            v = get(c)
-            if v is None:
-                continue
-            v = float(v)
-            if log10:
-                v = math.log10(v) if v > 0 else np.nan
-            grid[layers.index(int(c["layer"])), kinds.index(c["kind"])] = v
-        if np.isnan(grid).all():
-            continue
-        fig = Figure(figsize=(1.2 + 1.1 * len(kinds), 1.2 + 0.45 * len(layers)))
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot(1, 1, 1)
-        norm = None
-        finite = np.abs(grid[np.isfinite(grid) & (grid != 0)])
-        if not log10 and finite.size and finite.max() / max(finite.min(), 1e-12) > 100:
-            # loss changes span orders of magnitude (layer norms vs matrices): symmetric log scale
-            norm = SymLogNorm(linthresh=float(np.percentile(finite, 20)), base=10)
-            title += " (symlog colour scale)"
-        im = ax.imshow(grid, aspect="auto", cmap="viridis", norm=norm)
-        ax.set_xticks(range(len(kinds)), kinds, rotation=35, ha="right", fontsize=8)
-        ax.set_yticks(range(len(layers)), [str(l) for l in layers], fontsize=8)
-        ax.set_ylabel("layer")
-        ax.set_title(title, fontsize=9)
-        for i in range(len(layers)):
-            for j in range(len(kinds)):
-                if np.isfinite(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.2g}", ha="center", va="center", fontsize=6, color="w",
-                            path_effects=[patheffects.withStroke(linewidth=1.5, foreground="black")])
-        fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        p = out / f"heatmap_{name}.png"
-        fig.savefig(p, dpi=110)
-        written.append(p)
-    return written

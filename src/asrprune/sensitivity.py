@@ -39,7 +39,7 @@ damage: :mod:`asrprune.damage`. The layout of ``sensitivity.json`` is written do
 Output directory (see :func:`write_outputs`): ``sensitivity.json``, CSV tables, ``labels.jsonl``,
 the accumulator checkpoint ``accumulators.safetensors`` (+ ``.json``) and ``ablation.jsonl``;
 every step resumes from these. The heatmaps are drawn from ``sensitivity.json`` by
-:func:`asrprune.report.draw_heatmaps`.
+:func:`asrprune.figures.draw_heatmaps`.
 """
 
 from __future__ import annotations
@@ -1006,7 +1006,7 @@ def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> N
 
 def write_outputs(result: SensitivityResult | Mapping, out_dir: str | os.PathLike) -> list[Path]:
     """Write the CSV tables and the ranking of a result (not ``sensitivity.json``; the heatmaps
-    are drawn from it by :func:`asrprune.report.draw_heatmaps`).
+    are drawn from it by :func:`asrprune.figures.draw_heatmaps`).
 
     Files: ``components.csv``, ``groups.csv``, ``layers.csv``, ``kinds.csv``, ``matrices.csv``
     (diagnostics: sum, per-parameter mean, min-max), ``predicted.csv``, ``ablation.csv``,

@@ -44,7 +44,8 @@ from .decoding import DecodeOptions
 from .files import OutputBusyError, OutputLock, atomic_write_json, atomic_write_text, now_iso, read_json, slug
 from .overlap import check_disjoint, fingerprint
 from .prune import PruningMethod
-from .report import ReportPaths, build_report, draw_heatmaps
+from .figures import draw_heatmaps
+from .report import ReportPaths, build_report
 from .sensitivity import SensitivityOptions, score_sensitivity
 from .sweep import (
     DataSpec,
