@@ -214,3 +214,19 @@ def test_default_scopes_and_to_dict_of_existing_plans_unchanged():
     assert PrunePlan.parse("all_linear=0.4", score="sparsegpt").entries[0].scope == "matrix"
     assert PrunePlan.parse("all_linear=0.4@row").entries[0].scope == "row"  # magnitude per row
     assert InputStats.empty(3, gram=False, device="cpu").gram is None
+
+
+def test_modules_fed_one_tensor_share_their_statistics(tiny_whisper):
+    """q, k and v see the same input: one InputStats (one Hessian) serves all three; fc1, fed a
+    tensor that may reuse a freed address, is never mistaken for them; counts are per example."""
+    model = tiny_whisper
+    examples = _examples(model, n=3)
+    stats = sequential_pass(model, examples, gram=True, frames="all", progress=False)
+    enc = "model.encoder.layers.1."
+    assert stats[enc + "self_attn.q_proj"] is stats[enc + "self_attn.k_proj"] is stats[enc + "self_attn.v_proj"]
+    assert stats[enc + "fc1"] is not stats[enc + "self_attn.q_proj"]
+    assert stats[enc + "self_attn.out_proj"] is not stats[enc + "self_attn.q_proj"]
+    dec = "model.decoder.layers.0.encoder_attn."
+    assert stats[dec + "k_proj"] is stats[dec + "v_proj"] and stats[dec + "q_proj"] is not stats[dec + "k_proj"]
+    n_frames = sum(ex.input_features.shape[-1] // 2 for ex in examples)  # the conv stride halves the frames
+    assert stats[enc + "self_attn.q_proj"].n_tokens == n_frames

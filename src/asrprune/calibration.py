@@ -557,10 +557,26 @@ def sequential_pass(
                    if wanted_set is None or n in wanted_set}
         hooks = HookSet()
         current = [0]  # which example is running
+        # Modules fed the very same tensor (q, k, v; cross-attention k, v) share one InputStats:
+        # their Hessians are the same, computed once. The first input of each is held for the
+        # example, so that no later tensor can take its address and be mistaken for it.
+        seen: dict[int, tuple[str, Tensor]] = {}
+        seen_example = [-1]
 
         def hook_for(name: str):
             def hook(module, args):
-                x = args[0][0]  # (T, in): batch 1
+                full = args[0]
+                if seen_example[0] != current[0]:
+                    seen.clear()
+                    seen_example[0] = current[0]
+                first = seen.get(full.data_ptr())
+                if first is not None and first[1] is full and first[0] != name:
+                    if stats.get(name) is None:
+                        stats[name] = stats[first[0]]
+                    if stats[name] is stats[first[0]]:
+                        return  # counted once, under the first module
+                seen.setdefault(full.data_ptr(), (name, full))
+                x = full[0]  # (T, in): batch 1
                 if frames == "speech" and _from_encoder_positions(name, side):
                     x = x[: limits[current[0]]]
                 st = stats.get(name)

@@ -694,9 +694,11 @@ def _prune_calibrated(model: nn.Module, plan: PrunePlan, calibration: Sequence[C
                 info.update(sparsegpt_prune_(module.weight, st.hessian(),
                                              sparsity=None if entry.nm else float(entry.sparsity), nm=entry.nm,
                                              block_size=options.block_size, damp=options.damp))
-                if input_stats is None:
-                    st.gram = None  # free the Hessian of a pruned layer
             per_module[name] = info
+        if input_stats is None:  # free the layer's Hessians (q, k, v share one: freed after all three)
+            for name in modules:
+                if name in stats:
+                    stats[name].gram = None
 
     if input_stats is None:
         sequential_pass(model, calibration, wanted=set(targets), gram=gram, frames=options.frames,
