@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 
 from asrprune import report
-from asrprune.report import build_report, load_study, paper_key, paper_wer, significant
+from asrprune.findings import claim_verdict
+from asrprune.report import build_report
+from asrprune.results import load_study, paper_key, paper_wer, significant
 
 TOTAL = 37_760_640  # parameters of the fabricated model
 LINEAR = 20_643_840  # its linear weights
@@ -238,7 +240,7 @@ def test_verdicts_and_claims(study_dir):
 @pytest.mark.parametrize("ci, verdict", [((-0.05, -0.01), "reproduced"), ((0.01, 0.05), "opposite"),
                                          ((-0.005, 0.01), "not reproduced"), ((-0.03, 0.01), "inconclusive")])
 def test_claim_verdicts(ci, verdict):
-    assert report.claim_verdict({"ci": list(ci)}, -2.38, -1) == verdict
+    assert claim_verdict({"ci": list(ci)}, -2.38, -1) == verdict
 
 
 def test_nonzero_counts_and_sensitivity(study_dir):
@@ -314,7 +316,7 @@ def test_report_module_imports_no_torch():
     assert "torch" not in names and "transformers" not in names, names
     # report.py imports only torch-free modules of the package, and none of them imports torch
     package = {n[1:] for n in names if n.startswith(".")}
-    assert package <= {"config", "files", "stats", "evidence", "figures", "render"}, package
+    assert package <= {"config", "files", "stats", "evidence", "figures", "render", "results", "findings"}, package
     for module in package:
         sub = ast.parse((Path(report.__file__).parent / f"{module}.py").read_text())
         imported = {a.name.split(".")[0] for node in ast.walk(sub) if isinstance(node, ast.Import) for a in node.names}

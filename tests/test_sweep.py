@@ -386,7 +386,8 @@ def test_main_grid_is_the_papers_headline_configurations():
 
 
 def test_reproduce_cli_ablation_sparsities():
-    from asrprune.cli import _study_spec, build_parser
+    from asrprune.cli import build_parser
+    from asrprune.cli_study import _study_spec
     from asrprune.sensitivity import SensitivityOptions
 
     args = build_parser().parse_args(["reproduce", "base", "data.jsonl", "--calibration", "c.jsonl", "--out", "o",
@@ -400,7 +401,8 @@ def test_reproduce_cli_ablation_sparsities():
 
 def test_reproduce_max_new_tokens_reaches_every_stage():
     """One DecodeOptions, built once from the flags, is what the sweep and the sensitivity stage get."""
-    from asrprune.cli import _study_spec, build_parser
+    from asrprune.cli import build_parser
+    from asrprune.cli_study import _study_spec
 
     args = build_parser().parse_args(["reproduce", "base", "data.jsonl", "--calibration", "c.jsonl", "--out", "o",
                                       "--max-new-tokens", "200"])

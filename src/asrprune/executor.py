@@ -363,7 +363,7 @@ def _shippable(ctx, run):
 
 
 def _died_row(run, ctx, deaths: int, exc: BaseException) -> dict:
-    from .sweep import ROW_SCHEMA, model_display_name
+    from .sweep_spec import ROW_SCHEMA, model_display_name
 
     why = (f"its worker died {deaths} times ({type(exc).__name__}); not retried further"
            if deaths else f"{type(exc).__name__}: {exc}")

@@ -47,19 +47,8 @@ from .prune import PruningMethod
 from .figures import draw_heatmaps
 from .report import ReportPaths, build_report
 from .sensitivity import SensitivityOptions, score_sensitivity
-from .sweep import (
-    DataSpec,
-    SweepRunner,
-    SweepSpec,
-    SweepSpecError,
-    SweepSummary,
-    Variant,
-    _format_sparsity,
-    _read_data,
-    _record_session,
-    _study_fields,
-    update_study_json,
-)
+from .sweep import SweepRunner, SweepSummary, _read_data, _record_session, _study_fields, update_study_json
+from .sweep_spec import DataSpec, SweepSpec, SweepSpecError, Variant, _format_sparsity
 
 log = logging.getLogger(__name__)
 
