@@ -88,6 +88,7 @@ def make_study(root: Path, *, truncated_line: bool = True) -> dict:
                 "protocol": "standard",
                 "condition": label,
                 "group": group,
+                "variant": "baseline" if group == "baseline" else f"{group}@{target}",
                 "selector": sel,
                 "target_sparsity": target,
                 "plan": None if group == "baseline" else {"entries": [{"selector": sel, "sparsity": target}]},
@@ -570,3 +571,31 @@ def test_cli_compare_show_prints_the_top_utterances_aligned(tmp_path, capsys):
     ref_line = next(line for line in block.splitlines() if line.strip().startswith("REF:"))
     b_line = next(line for line in block.splitlines() if line.strip().startswith("B:"))
     assert ref_line.split()[1] == ref_word and b_line.split()[1] == hyp_word
+
+
+def test_the_report_follows_the_planned_order_not_the_finishing_order(tmp_path):
+    """A distributed executor appends rows as runs finish: the same rows in another order give
+    the same report, byte for byte (but for the build time), and the planned order of the sweep."""
+    import random
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    make_study(a, truncated_line=False)
+    shutil.copytree(a, b)
+    lines = (b / "runs.jsonl").read_text().splitlines(keepends=True)
+    random.Random(1).shuffle(lines)
+    assert lines != (a / "runs.jsonl").read_text().splitlines(keepends=True)
+    (b / "runs.jsonl").write_text("".join(lines))
+    planned = list(dict.fromkeys(json.loads(x)["variant"] for x in lines))[::-1]  # not the file order of a
+    for root in (a, b):
+        (root / "sweep.yaml").write_text("plans:\n" + "".join(f"- name: {v}\n" for v in planned if v != "baseline"))
+
+    def text(root):
+        md = build_report(root).markdown.read_text()
+        return re.sub(r"Built .* UTC", "Built", md).replace(f"in {root.name}/.", "in ROOT/.")
+
+    assert text(a) == text(b)
+    order = [r["run_id"] for r in load_study(b).runs]
+    assert order == [r["run_id"] for r in load_study(a).runs]
+    variants = [r["variant"] for r in load_study(b).runs if r["dataset"] == "librispeech_test_other"]
+    assert variants == ["baseline"] + [v for v in planned if v != "baseline"]

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
+import yaml
+
 from .files import latest_rows, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -138,12 +140,54 @@ def load_study(study_dir: str | Path) -> Study:
         log.warning("%s has no study.json; the report will lack the study options", root)
     options = _json_file(root / "study.json") or {}
     runs, bad = read_runs(runs_path)
+    runs = planned_order(runs, options, root / "sweep.yaml")
     sdir = root / "sensitivity"
     heatmaps = sorted(sdir.glob("*.png")) if sdir.is_dir() else []
     sens = _json_file(sdir / "sensitivity.json")
     plan_check = _json_file(root / "plans" / "plan_check.json")
     return Study(root=root, options=options, runs=runs, bad_lines=bad, sensitivity=sens, heatmaps=heatmaps,
                  plan_check=plan_check, methods=_json_file(root / "methods.json"))
+
+
+def planned_order(runs: list[dict], options: Mapping, spec_path: Path | None = None) -> list[dict]:
+    """The runs in the order the sweep planned them, not the order they finished in.
+
+    ``runs.jsonl`` is appended as runs finish, so a distributed executor writes the rows of one
+    study in another order than the local one; every table and figure of the report follows this
+    order instead: model, data set, variant (baselines first, then the order of the plans in the
+    sweep's ``sweep.yaml``, then variants of later sweeps as first seen), protocol. For a local
+    run this is the file order.
+    """
+    names: list[str] = []
+    if spec_path is not None and spec_path.is_file():
+        try:
+            doc = yaml.safe_load(spec_path.read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            log.warning("%s unreadable (%s); the report keeps the order the runs finished in", spec_path, e)
+            doc = {}
+        plans = doc.get("plans") if isinstance(doc, Mapping) else None
+        names = [str(p["name"]) for p in plans or [] if isinstance(p, Mapping) and "name" in p]
+
+    def ranks(values: Iterable) -> dict:
+        out: dict = {}
+        for v in values:
+            out.setdefault(v, len(out))
+        return out
+
+    model = options.get("model")
+    models = ranks([*([model] if isinstance(model, str) else []), *(r.get("model") for r in runs)])
+    datasets = ranks([*(options.get("datasets") or {}), *(r.get("dataset") for r in runs)])
+    protocols = ranks([*(options.get("protocols") or []), *(r.get("protocol") for r in runs)])
+    def variant(r: Mapping):
+        return r.get("variant") or r.get("condition")
+
+    variants = ranks([*names, *(variant(r) for r in runs if normalise_group(r.get("group")) != "baseline")])
+
+    def key(r: Mapping) -> tuple:
+        v = -1 if normalise_group(r.get("group")) == "baseline" else variants[variant(r)]
+        return (models[r.get("model")], datasets[r.get("dataset")], v, protocols[r.get("protocol")])
+
+    return sorted(runs, key=key)
 
 
 # ----------------------------------------------------------------------------------------------
