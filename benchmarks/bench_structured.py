@@ -181,11 +181,37 @@ def main(argv=None) -> int:
     keys = list(runners)
     texts = {k: [] for k in keys}
     wall = dict.fromkeys(keys, 0.0)
+    # progress after every chunk (transcripts and timed seconds per model and engine), so an
+    # interrupted benchmark resumes at its next chunk, and a larger --limit extends a smaller one;
+    # only the same measurement (data, chunk size, threads, models and engines) resumes
+    progress_path = work / "progress.json"
+    setup = {"data": args.data, "chunk": args.chunk, "threads": args.threads, "keys": [list(k) for k in keys]}
+    ids = [u.id for u in utts]
+    done = 0
+    if progress_path.is_file():
+        saved = json.loads(progress_path.read_text())
+        n_saved = len(saved.get("ids", []))
+        if saved.get("setup") == setup and saved["ids"] == ids[:n_saved] \
+                and (n_saved % args.chunk == 0 or n_saved == len(ids)):
+            done = int(saved["chunks_done"])
+            for k in keys:
+                texts[k] = list(saved["texts"]["|".join(k)])
+                wall[k] = float(saved["wall"]["|".join(k)])
+            print(f"resuming after chunk {done}/{len(chunks)} ({progress_path})", file=sys.stderr, flush=True)
+        else:
+            print(f"{progress_path} is from another setup: starting over", file=sys.stderr, flush=True)
     for c, idx in enumerate(chunks):
+        if c < done:
+            continue
         for k in keys[c % len(keys):] + keys[:c % len(keys)]:
             t0 = time.perf_counter()
             texts[k] += runners[k](idx)
             wall[k] += time.perf_counter() - t0
+        tmp = progress_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"setup": setup, "chunks_done": c + 1, "ids": ids[:len(texts[keys[0]])],
+                                   "texts": {"|".join(k): texts[k] for k in keys},
+                                   "wall": {"|".join(k): wall[k] for k in keys}}))
+        os.replace(tmp, progress_path)
         print(f"  chunk {c + 1}/{len(chunks)} done", file=sys.stderr, flush=True)
 
     rows = []
