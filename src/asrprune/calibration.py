@@ -607,13 +607,18 @@ def sequential_pass(
         limits = [speech_positions(ex, n_positions) for ex in examples]
         for index, layer in enumerate(encoder.layers):
             hooks, modules, current = collector("encoder", index, limits)
+            changes = on_layer is not None and bool(modules)  # else the outputs of this run are the layer's
+            outputs = []
             with hooks:
                 for i, h_i in enumerate(hidden):
                     current[0] = i
-                    layer(h_i, None)
-            if on_layer is not None and modules:
+                    out = layer(h_i, None)
+                    if not changes:
+                        outputs.append(_layer_out(out))
+            if changes:
                 on_layer("encoder", index, modules, {n: stats[n] for n in modules if n in stats})
-            hidden = [_layer_out(layer(h_i, None)) for h_i in hidden]
+                outputs = [_layer_out(layer(h_i, None)) for h_i in hidden]
+            hidden = outputs
             bar.update(1)
         encoded = [encoder.layer_norm(h_i) for h_i in hidden]  # the pruned encoder's outputs
         hidden = []
