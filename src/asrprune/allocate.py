@@ -65,6 +65,7 @@ from .components import select_parameters
 from .config import PlanEntry, PrunePlan
 from .files import atomic_write_text
 from .prune import WeightSnapshot, measure_model, prune_model, resolve_plan
+from .sensitivity import load_sensitivity_json
 
 log = logging.getLogger(__name__)
 
@@ -352,16 +353,8 @@ def load_sensitivity(path: str | Path, **kwargs) -> SensitivityCurves:
         FileNotFoundError: no ``sensitivity.json`` there.
         ValueError: the file is not valid JSON or lacks what allocation needs.
     """
-    p = Path(path)
-    if p.is_dir():
-        p = p / "sensitivity.json"
-    if not p.is_file():
-        raise FileNotFoundError(f"sensitivity results not found: {p} (run `asrprune sensitivity` first)")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{p}: not valid JSON ({exc})") from None
-    return curves_from_dict(data, path=str(p), **kwargs)
+    data = load_sensitivity_json(path)
+    return curves_from_dict(data, path=data.pop("_path"), **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .audio import AudioError
 from .early_stop import EarlyStop
-from .evidence import paired_change
+from .evidence import is_scored, paired_change
 from .decoding import SAMPLING_RATE, DecodeOptions, Decoder, EncoderCache, generate_kwargs, loaded_batches
 from .files import OutputLock, append_jsonl, atomic_write_json, atomic_write_text, env_stamp, prepare_out_dir, read_json, read_jsonl
 from .manifests import Utterance
@@ -103,14 +103,7 @@ class WerResult:
 
     def scored_rows(self) -> list[dict]:
         policy = self.summary.get("empty_reference", {}).get("policy", "score")
-        return [r for r in self.rows if _is_scored(r, policy)]
-
-
-def _is_scored(row: Mapping, policy: str) -> bool:
-    """A row counts in WER unless it failed, or has an empty reference under ``skip``."""
-    if row.get("failed") or row.get("skipped"):
-        return False
-    return policy == "score" or int(row.get("ref_words", 0) or 0) > 0
+        return [r for r in self.rows if is_scored(r, policy)]
 
 
 def _finite(x: float) -> float | None:
@@ -129,7 +122,7 @@ def _summarize(
     """Corpus metrics of scored rows (failed rows are counted, not scored; empty references
     under ``skip`` are counted apart). WER and CER are ``None`` when no reference word (character)
     was scored: a run that scored nothing has no error rate, not a rate of 0."""
-    scored = [r for r in rows if _is_scored(r, empty_reference)]
+    scored = [r for r in rows if is_scored(r, empty_reference)]
     failed = [r for r in rows if r.get("failed")]
     empty = [r["id"] for r in rows if not r.get("failed") and int(r.get("ref_words", 0) or 0) == 0]
     counts = ErrorCounts()
@@ -323,7 +316,7 @@ def compare(
         raise ValueError(f"compare: the runs scored empty references differently ({policy_a} and {policy_b}); "
                          "evaluate both with the same --empty-reference")
     empty = [i for i in ids if i not in set(excluded)
-             and not (_is_scored(rows_a[i], policy_a) and _is_scored(rows_b[i], policy_b))]
+             and not (is_scored(rows_a[i], policy_a) and is_scored(rows_b[i], policy_b))]
     ids = [i for i in ids if i not in set(excluded) and i not in set(empty)]
     if not ids:
         raise ValueError("compare: no utterance was scored in both runs")
@@ -504,30 +497,18 @@ def _prepare_out_dir(out_dir: Path, key: dict, overwrite: bool,
     return done, n_failed
 
 
+def _row_of(utt: Utterance, **fields) -> dict:
+    """The per-utterance row of an utterance that was not decoded (its own fields, then ``fields``)."""
+    return {"id": utt.id, "audio": str(utt.audio), "speaker": utt.speaker, "reference": utt.text, **fields}
+
+
 def _skipped_row(utt: Utterance, reference_norm: str) -> dict:
-    return {
-        "id": utt.id,
-        "audio": str(utt.audio),
-        "speaker": utt.speaker,
-        "reference": utt.text,
-        "reference_norm": reference_norm,
-        "ref_words": 0,
-        "duration_s": utt.duration_s,
-        "failed": False,
-        "skipped": "empty_reference",
-    }
+    return _row_of(utt, reference_norm=reference_norm, ref_words=0, duration_s=utt.duration_s, failed=False,
+                   skipped="empty_reference")
 
 
 def _failed_row(utt: Utterance, reason: str) -> dict:
-    return {
-        "id": utt.id,
-        "audio": str(utt.audio),
-        "speaker": utt.speaker,
-        "reference": utt.text,
-        "duration_s": utt.duration_s,
-        "failed": True,
-        "failure": reason,
-    }
+    return _row_of(utt, duration_s=utt.duration_s, failed=True, failure=reason)
 
 
 def evaluate(

@@ -21,7 +21,7 @@ import numpy as np
 
 from .stats import paired_bootstrap, permutation_pvalue, ratio
 
-__all__ = ["aligned_html", "aligned_text", "align_words", "paired_change", "scored_ids"]
+__all__ = ["aligned_html", "aligned_text", "align_words", "is_scored", "paired_change", "scored_ids"]
 
 
 def _errors(row: Mapping) -> int:
@@ -32,7 +32,8 @@ def _char_errors(row: Mapping) -> int:
     return int(row.get("char_substitutions", 0)) + int(row.get("char_deletions", 0)) + int(row.get("char_insertions", 0))
 
 
-def _scored(row: Mapping, policy: str) -> bool:
+def is_scored(row: Mapping, policy: str) -> bool:
+    """A row counts in WER unless it failed, or has an empty reference under ``skip``."""
     if row.get("failed") or row.get("skipped"):
         return False
     return policy == "score" or int(row.get("ref_words", 0) or 0) > 0
@@ -41,7 +42,7 @@ def _scored(row: Mapping, policy: str) -> bool:
 def scored_ids(rows_a: Mapping[str, Mapping], rows_b: Mapping[str, Mapping], order: Sequence[str],
                policy: str = "skip") -> list[str]:
     """The ids (in ``order``) that both runs scored."""
-    return [i for i in order if i in rows_a and i in rows_b and _scored(rows_a[i], policy) and _scored(rows_b[i], policy)]
+    return [i for i in order if i in rows_a and i in rows_b and is_scored(rows_a[i], policy) and is_scored(rows_b[i], policy)]
 
 
 def paired_change(

@@ -878,12 +878,23 @@ def write_outputs(result: SensitivityResult | Mapping, out_dir: str | os.PathLik
 def load_sensitivity_json(path: str | os.PathLike) -> dict:
     """Read ``sensitivity.json`` (a file or the directory holding it).
 
+    Returns:
+        the parsed file, with ``"_path"`` holding the file it was read from.
+
     Raises:
         FileNotFoundError: naming the missing file.
+        ValueError: the file is not valid JSON (naming it).
     """
     p = Path(path)
     if p.is_dir():
         p = p / "sensitivity.json"
     if not p.is_file():
-        raise FileNotFoundError(f"{p}: no sensitivity.json (run `asrprune sensitivity` first)")
-    return json.loads(p.read_text(encoding="utf-8"))
+        raise FileNotFoundError(f"sensitivity results not found: {p} (run `asrprune sensitivity` first)")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{p}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: not a sensitivity.json (a JSON object expected)")
+    data["_path"] = str(p)
+    return data

@@ -1,11 +1,8 @@
 """Sweeps: run the runs of a spec one by one, append one result row per run, resume.
 
-A *sweep* is ``models x variants x data sets x protocols``, where a *variant* is either the
-unpruned baseline or a named :class:`~asrprune.config.PrunePlan` (given explicitly, or expanded
-from ``selectors x sparsities``). Every expanded run gets a stable ``run_id``: a readable prefix
-plus a hash of everything that determines its result (model spec, plan, the selected utterances'
-ids and texts, protocol and decoding options), so rerunning a sweep, or a larger sweep that
-contains it, finds the runs that are already done.
+What a sweep is, its YAML form and its run ids: :mod:`asrprune.sweep_spec` (its names are
+re-exported here). A rerun of a sweep, or of a larger sweep that contains it, skips the runs that
+already have an ok row.
 
 Files in the sweep directory (see "Study directory layout" in ``docs/architecture.md``):
 
