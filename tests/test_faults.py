@@ -182,6 +182,7 @@ class _Payload:
 
 
 @pytest.mark.parametrize("command", ["evaluate", "components", "prune"])
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's own loader, reached on purpose with --trust-pickle
 def test_pickle_checkpoint_is_refused_and_never_unpickled(command, tiny_dir, clean, tmp_path, capsys):
     model_dir = tmp_path / "pickled"
     model_dir.mkdir()
