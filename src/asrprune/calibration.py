@@ -45,6 +45,7 @@ from .decoding import DecodeOptions, Decoder
 from .files import append_jsonl, atomic_write_text, read_jsonl
 from .manifests import Utterance
 from .models import is_multilingual
+from .shapes import layer_stack
 
 log = logging.getLogger(__name__)
 
@@ -497,7 +498,7 @@ def _layer_out(out) -> Tensor:
 def layer_linears(model, side: str, index: int) -> dict[str, nn.Linear]:
     """The linear modules of one encoder or decoder layer by parameter-name prefix
     (``model.encoder.layers.0.self_attn.q_proj``), in execution order."""
-    stack = model.get_encoder() if side == "encoder" else model.get_decoder()
+    stack = layer_stack(model, side)
     prefix = next(n for n, m in model.named_modules() if m is stack.layers[index]) + "."
     return {prefix + n: m for n, m in stack.layers[index].named_modules() if isinstance(m, nn.Linear)}
 

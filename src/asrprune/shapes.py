@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-__all__ = ["STRUCTURED_WEIGHTS", "STRUCTURE_KEY", "apply_structure_", "is_standard", "record_structure", "shrink_linear", "structure_of"]
+__all__ = ["STRUCTURED_WEIGHTS", "STRUCTURE_KEY", "apply_structure_", "is_standard", "layer_stack", "record_structure", "shrink_linear", "structure_of"]
 
 STRUCTURE_KEY = "asrprune_structure"
 #: the weights file of such a checkpoint. Not ``model.safetensors``: transformers would load the
@@ -36,7 +36,8 @@ STRUCTURED_WEIGHTS = "model.structured.safetensors"
 SIDES = ("encoder", "decoder")
 
 
-def _stack(model, side: str):
+def layer_stack(model, side: str):
+    """The encoder (``side == "encoder"``) or the decoder of a Whisper model."""
     return model.get_encoder() if side == "encoder" else model.get_decoder()
 
 
@@ -46,7 +47,7 @@ def structure_of(model) -> dict[str, Any]:
     out: dict[str, Any] = {"head_dim": int(model.config.d_model // model.config.encoder_attention_heads)}
     for side in SIDES:
         rows = []
-        for layer in _stack(model, side).layers:
+        for layer in layer_stack(model, side).layers:
             row = {"ffn": int(layer.fc1.out_features), "self_heads": int(layer.self_attn.num_heads)}
             if side == "decoder":
                 row["cross_heads"] = int(layer.encoder_attn.num_heads)
@@ -132,7 +133,7 @@ def apply_structure_(model, structure: Mapping[str, Any]) -> None:
     """
     head_dim = int(structure["head_dim"])
     for side in SIDES:
-        layers = _stack(model, side).layers
+        layers = layer_stack(model, side).layers
         rows = structure[side]
         if len(rows) != len(layers):
             raise ValueError(f"{STRUCTURE_KEY}: {len(rows)} {side} layers recorded, the config builds {len(layers)}")

@@ -52,6 +52,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .calibration import CalibrationExample, CalibrationOptions, collect_input_stats
 from .components import select_parameters
@@ -59,7 +60,7 @@ from .config import REPAIRS, PlanError, PrunePlan
 from .damage import _LossEvaluator
 from .masks import n_to_prune
 from .prune import PruneResult, measure_model, prune_model
-from .shapes import record_structure, shrink_linear, structure_of
+from .shapes import layer_stack, record_structure, shrink_linear, structure_of
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +86,6 @@ class _Target:
         if self.unit == "layers":
             return f"{self.side}.layers"
         return f"{self.side}.layers.{self.layer}." + (self.attn if self.unit == "heads" else "ffn")
-
-
-def _stack(model, side: str):
-    return model.get_encoder() if side == "encoder" else model.get_decoder()
 
 
 def _prefix(model, module) -> str:
@@ -146,7 +143,7 @@ def structured_targets(model, plan: PrunePlan) -> list[_Target]:
                                 f"{plan.entries[t.entry].to_text()}); give each unit one entry")
             seen[k] = plan.entries[t.entry].to_text()
     for side in ("encoder", "decoder"):
-        n = len(_stack(model, side).layers)
+        n = len(layer_stack(model, side).layers)
         drop = sum(n_to_prune(len(t.layers), plan.entries[t.entry].sparsity) for t in out
                    if t.unit == "layers" and t.side == side)
         if drop >= n:
@@ -160,7 +157,7 @@ def structured_targets(model, plan: PrunePlan) -> list[_Target]:
 
 
 def _ffn(model, side: str, layer: int):
-    return _stack(model, side).layers[layer]
+    return layer_stack(model, side).layers[layer]
 
 
 def _head_rows(attn, h: int) -> slice:
@@ -230,7 +227,7 @@ class _Zeroed:
             if attn.v_proj.bias is not None:
                 self._zero(attn.v_proj.bias, r)
         else:
-            layer = _stack(self.model, t.side).layers[int(self.index)]
+            layer = layer_stack(self.model, t.side).layers[int(self.index)]
 
             def skip(module, args, output):
                 x = args[0]
@@ -249,15 +246,13 @@ class _Zeroed:
     def names(self) -> list[str]:
         """Parameter names of what changed (where the loss pass may start)."""
         t = self.t
-        layer = _stack(self.model, t.side).layers[t.layer if t.layer is not None else int(self.index)]
+        layer = layer_stack(self.model, t.side).layers[t.layer if t.layer is not None else int(self.index)]
         prefix = _prefix(self.model, layer)
         return [f"{prefix}.{n}" for n, _ in layer.named_parameters()]
 
 
 def _measured(model, targets: Sequence[_Target], examples, progress: bool, energy: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The calibration loss change of removing each unit (neurons: in groups), on the dense model."""
-    from tqdm.auto import tqdm
-
     ev = _LossEvaluator(model, examples, cache_mb=2048.0, progress=False)
     base = float(sum(ev.baseline_losses) / len(ev.baseline_losses))
     out: dict[str, Tensor] = {}
@@ -315,7 +310,7 @@ def _importance(model, targets: Sequence[_Target], score: str, stats, examples, 
         else:
             vals = []
             for j in t.layers:
-                layer = _stack(model, t.side).layers[j]
+                layer = layer_stack(model, t.side).layers[j]
                 if score == "magnitude":
                     ws = [m.weight.detach().double() for m in layer.modules() if isinstance(m, nn.Linear)]
                     vals.append(float((sum(w.pow(2).sum() for w in ws) / sum(w.numel() for w in ws)).sqrt()))
@@ -339,7 +334,7 @@ def _stats_needed(model, targets: Sequence[_Target], score: str) -> tuple[set[st
     """(modules whose input statistics are needed, those needing the Gram matrix)."""
     wanted, gram = set(), set()
     for t in targets:
-        layers = [_ffn(model, t.side, t.layer)] if t.layer is not None else [_stack(model, t.side).layers[j] for j in t.layers]
+        layers = [_ffn(model, t.side, t.layer)] if t.layer is not None else [layer_stack(model, t.side).layers[j] for j in t.layers]
         for layer in layers:
             if t.unit in ("neurons", "layers"):
                 wanted.add(_prefix(model, layer.fc2))
@@ -393,7 +388,7 @@ def _remove_heads(attn, remove: Sequence[int], mean: Tensor | None) -> None:
 
 def _drop_layers(model, side: str, drop: Sequence[int]) -> list[int]:
     """Remove layers; returns the old indices of the layers that remain (in order)."""
-    stack = _stack(model, side)
+    stack = layer_stack(model, side)
     kept = [i for i in range(len(stack.layers)) if i not in set(drop)]
     stack.layers = nn.ModuleList([stack.layers[i] for i in kept])
     for new, layer in enumerate(stack.layers):  # the cache is indexed by these
@@ -520,7 +515,7 @@ def prune_structured(
             chosen = sorted(t.layers[i] for i in order[:k])
             drop_here += chosen
             removed.append({"entry": e.to_text(), "unit": "layers", "where": f"{side}.layers", "removed": chosen,
-                            "of": len(_stack(model, side).layers), "selected": len(t.layers)})
+                            "of": len(layer_stack(model, side).layers), "selected": len(t.layers)})
         if drop_here:
             kept_layers[side] = _drop_layers(model, side, drop_here)
     notes = []
