@@ -12,6 +12,9 @@ per run, and the table rows that differ.
 3. the rows of the two results: only collapsed rows may differ, and only by being marked
    collapsed in the first.
 
+Interrupted, it resumes: ``DIR/bench_state.json`` keeps the wall time of each phase so far, and
+each study resumes its runs (the time of a phase is then the sum over its sessions).
+
 Nothing of the study is changed: ``--max-new-tokens`` stays at its default (444), as a new user
 would run it.
 """
@@ -51,15 +54,36 @@ def main(argv=None) -> int:
             "--preset", "quick", "--limit", str(args.limit), "--calibration-limit", str(args.calibration_limit),
             "--no-progress"]
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    t0 = time.perf_counter()
-    subprocess.run([*base, "--out", str(early)], env=env, check=False)
-    wall_early = time.perf_counter() - t0
-    if full.exists():
-        shutil.rmtree(full)
-    shutil.copytree(early, full)
-    t0 = time.perf_counter()
-    subprocess.run([*base, "--out", str(full), "--no-early-stop"], env=env, check=False)
-    wall_complete = time.perf_counter() - t0
+    # the wall times so far, so that an interrupted benchmark resumes (each study resumes its
+    # runs) and adds the time of the rest instead of starting over
+    state_path = args.out / "bench_state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def timed(phase: str, cmd: list[str]) -> float:
+        if state.get(f"{phase}_done"):
+            return float(state[f"{phase}_s"])
+        prior, t0 = float(state.get(f"{phase}_s", 0.0)), time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env)
+        while proc.poll() is None:  # the elapsed time written every 30 s: a killed benchmark keeps it
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                state[f"{phase}_s"] = prior + time.perf_counter() - t0
+                state_path.write_text(json.dumps(state, indent=2))
+        rc = proc.returncode
+        state[f"{phase}_s"] = prior + time.perf_counter() - t0
+        state[f"{phase}_done"] = rc == 0
+        state[f"{phase}_sessions"] = int(state.get(f"{phase}_sessions", 0)) + 1
+        state_path.write_text(json.dumps(state, indent=2))
+        if rc != 0:
+            raise SystemExit(f"{phase}: asrprune reproduce exited {rc}")
+        return float(state[f"{phase}_s"])
+
+    wall_early = timed("early", [*base, "--out", str(early)])
+    if not full.exists():  # the completed study starts as a copy of the early-stopped one
+        shutil.copytree(early, full)
+    wall_complete = timed("complete", [*base, "--out", str(full), "--no-early-stop"])
 
     a, b = _rows(early), _rows(full)
     stages = json.loads((early / "study.json").read_text()).get("stages", {})

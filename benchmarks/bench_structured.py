@@ -41,6 +41,7 @@ VARIANTS = {
     "ffn50": ("encoder.ffn=0.5@neurons,decoder.ffn=0.5@neurons", "fluctuation", "bias"),
     "heads25": ("encoder.self_attn=0.25@heads,decoder.self_attn=0.25@heads,cross_attn=0.25@heads", "wanda", "none"),
     "dec4": ("decoder.layers=0.34@layers", "loss", "none"),
+    "dec5": ("decoder.layers=0.17@layers", "loss", "none"),
     "dec2": ("decoder.layers[1:-1]=drop", "magnitude", "none"),
     "enc_ffn50_dec4": ("encoder.ffn=0.5@neurons,decoder.layers=0.34@layers", "wanda", "none"),
     "dec2_ffn25": ("decoder.layers[1:-1]=drop,encoder.ffn=0.25@neurons", "fluctuation", "bias"),
@@ -182,33 +183,37 @@ def main(argv=None) -> int:
     texts = {k: [] for k in keys}
     wall = dict.fromkeys(keys, 0.0)
     # progress after every chunk (transcripts and timed seconds per model and engine), so an
-    # interrupted benchmark resumes at its next chunk, and a larger --limit extends a smaller one;
-    # only the same measurement (data, chunk size, threads, models and engines) resumes
+    # interrupted benchmark resumes at its next chunk, a larger --limit extends a smaller one, and
+    # a variant or engine added later is run from the first chunk while the others keep theirs;
+    # only the same measurement (data, chunk size, threads) resumes
     progress_path = work / "progress.json"
-    setup = {"data": args.data, "chunk": args.chunk, "threads": args.threads, "keys": [list(k) for k in keys]}
+    setup = {"data": args.data, "chunk": args.chunk, "threads": args.threads}
     ids = [u.id for u in utts]
-    done = 0
     if progress_path.is_file():
         saved = json.loads(progress_path.read_text())
-        n_saved = len(saved.get("ids", []))
-        if saved.get("setup") == setup and saved["ids"] == ids[:n_saved] \
-                and (n_saved % args.chunk == 0 or n_saved == len(ids)):
-            done = int(saved["chunks_done"])
+        same = {k: v for k, v in saved.get("setup", {}).items() if k != "keys"} == setup
+        if same:
             for k in keys:
-                texts[k] = list(saved["texts"]["|".join(k)])
-                wall[k] = float(saved["wall"]["|".join(k)])
-            print(f"resuming after chunk {done}/{len(chunks)} ({progress_path})", file=sys.stderr, flush=True)
+                done_k = list(saved["texts"].get("|".join(k), []))
+                n_k = len(done_k)
+                if saved["ids"][:n_k] == ids[:n_k] and (n_k % args.chunk == 0 or n_k == len(ids)):
+                    texts[k] = done_k
+                    wall[k] = float(saved["wall"]["|".join(k)])
+            print(f"resuming ({progress_path}): " + ", ".join(f"{'/'.join(k)} {len(texts[k])}" for k in keys),
+                  file=sys.stderr, flush=True)
         else:
             print(f"{progress_path} is from another setup: starting over", file=sys.stderr, flush=True)
     for c, idx in enumerate(chunks):
-        if c < done:
+        todo = [k for k in keys[c % len(keys):] + keys[:c % len(keys)] if len(texts[k]) < idx[-1] + 1]
+        if not todo:
             continue
-        for k in keys[c % len(keys):] + keys[:c % len(keys)]:
+        for k in todo:
             t0 = time.perf_counter()
             texts[k] += runners[k](idx)
             wall[k] += time.perf_counter() - t0
         tmp = progress_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"setup": setup, "chunks_done": c + 1, "ids": ids[:len(texts[keys[0]])],
+        longest = max(keys, key=lambda k: len(texts[k]))
+        tmp.write_text(json.dumps({"setup": {**setup, "keys": [list(k) for k in keys]}, "ids": ids[:len(texts[longest])],
                                    "texts": {"|".join(k): texts[k] for k in keys},
                                    "wall": {"|".join(k): wall[k] for k in keys}}))
         os.replace(tmp, progress_path)
