@@ -198,7 +198,7 @@ def main(argv=None) -> int:
                 n_k = len(done_k)
                 if saved["ids"][:n_k] == ids[:n_k] and (n_k % args.chunk == 0 or n_k == len(ids)):
                     texts[k] = done_k
-                    wall[k] = float(saved["wall"]["|".join(k)])
+                    wall[k] = float(saved["wall"].get("|".join(k), 0.0))
             print(f"resuming ({progress_path}): " + ", ".join(f"{'/'.join(k)} {len(texts[k])}" for k in keys),
                   file=sys.stderr, flush=True)
         else:
