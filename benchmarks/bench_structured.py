@@ -39,6 +39,8 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 VARIANTS = {
     "ffn25": ("encoder.ffn=0.25@neurons,decoder.ffn=0.25@neurons", "fluctuation", "bias"),
     "ffn50": ("encoder.ffn=0.5@neurons,decoder.ffn=0.5@neurons", "fluctuation", "bias"),
+    "ffn25_refit": ("encoder.ffn=0.25@neurons,decoder.ffn=0.25@neurons", "fluctuation", "refit"),
+    "ffn50_refit": ("encoder.ffn=0.5@neurons,decoder.ffn=0.5@neurons", "fluctuation", "refit"),
     "heads25": ("encoder.self_attn=0.25@heads,decoder.self_attn=0.25@heads,cross_attn=0.25@heads", "wanda", "none"),
     "dec4": ("decoder.layers=0.34@layers", "loss", "none"),
     "dec5": ("decoder.layers=0.17@layers", "loss", "none"),

@@ -157,6 +157,46 @@ def test_bias_repair_restores_the_mean_contribution(tiny_whisper):
     assert not torch.allclose(ffn_mean(outs["none"]), dense_mean, atol=1e-5)
 
 
+def test_refit_repair_is_the_least_squares_optimum_of_the_next_layer(tiny_whisper):
+    """``repair="refit"`` gives fc2 the kept-column weights and bias that a separate least-squares
+    solve (torch.linalg.lstsq on the dense layer's inputs, captured by a hook) finds; its output
+    error on those tokens is below the bias repair's, which is below no repair's."""
+    from asrprune.calibration import CalibrationOptions
+
+    examples = _examples(tiny_whisper, n=4)
+    inputs = []
+    dense_fc2 = tiny_whisper.model.encoder.layers[1].fc2
+    h = dense_fc2.register_forward_hook(lambda m, a, o: inputs.append(a[0][0].double()))
+    with torch.no_grad():
+        for e in examples:
+            tiny_whisper.model.encoder(e.input_features)
+    h.remove()
+    a = torch.cat(inputs)  # (tokens, 32): 4 x 30 encoder positions
+    y = a @ dense_fc2.weight.detach().double().T + dense_fc2.bias.detach().double()
+    errors = {}
+    for repair in ("none", "bias", "refit"):
+        model = copy.deepcopy(tiny_whisper)
+        res = prune_structured(model, PrunePlan.parse("encoder.layers[1].ffn=0.5@neurons", score="fluctuation"),
+                               calibration=examples, repair=repair, options=CalibrationOptions(frames="all", damp=0.0))
+        keep = sorted(set(range(32)) - set(_removed(res)[0]["removed"]))
+        fc2 = model.model.encoder.layers[1].fc2
+        pred = a[:, keep] @ fc2.weight.detach().double().T + fc2.bias.detach().double()
+        errors[repair] = float(((pred - y) ** 2).sum())
+        if repair == "refit":
+            design = torch.cat([a[:, keep], torch.ones(len(a), 1, dtype=a.dtype)], 1)
+            sol = torch.linalg.lstsq(design, y).solution  # (17, 16)
+            # fc2's inputs are GELU(fc1 x) with x of width 16, so their covariance is ill-conditioned
+            # (condition ~2e4 on the kept columns); the statistics are fp32 sums, hence the tolerance
+            # on the weights, while the error it reaches is the optimum's to 1e-4
+            scale = float(sol.abs().max())
+            torch.testing.assert_close(fc2.weight.double(), sol[:-1].T, rtol=0, atol=1e-3 * scale)
+            torch.testing.assert_close(fc2.bias.double(), sol[-1], rtol=0, atol=1e-3 * scale)
+            optimum = float(((design @ sol - y) ** 2).sum())
+            assert optimum <= errors[repair] <= optimum * (1 + 1e-4)
+            assert res.to_dict()["structure"]["repair_damp"] == 0.0
+    assert errors["refit"] < errors["bias"] < errors["none"]
+
+
 # ----------------------------------------------------------------------------------------------
 # saving, loading, CTranslate2
 # ----------------------------------------------------------------------------------------------

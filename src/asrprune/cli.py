@@ -251,7 +251,7 @@ def _run_prune(args) -> int:
         if not plan.structured:
             _parser(args).error("--repair applies to structured entries (@neurons, @heads); the plan has none")
         plan = dataclasses.replace(plan, repair=args.repair)
-    calibrated = plan.score in CALIBRATED_SCORES or (plan.structured and (plan.score != "magnitude" or plan.repair == "bias"))
+    calibrated = plan.score in CALIBRATED_SCORES or (plan.structured and (plan.score != "magnitude" or plan.repair != "none"))
     if calibrated and not args.calibration:
         what = f"--score {plan.score}" if plan.score != "magnitude" else "repair bias"
         _parser(args).error(f"{what} needs --calibration SOURCE[::ID_PATTERN] (never test data)")

@@ -11,7 +11,7 @@ import json
 import logging
 from typing import Any
 
-from .config import DTYPES, PROTOCOLS, check_sparsity
+from .config import DTYPES, PROTOCOLS, REPAIRS, check_sparsity
 
 log = logging.getLogger("asrprune")
 
@@ -207,9 +207,10 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", choices=LABEL_MODES, default=d["labels"].labels,
                    help="decoder tokens: reference transcripts or the dense model's greedy ones")
     _add_statistics_flags(p)
-    p.add_argument("--repair", choices=("none", "bias"), default=None,
+    p.add_argument("--repair", choices=REPAIRS, default=None,
                    help="structured entries: bias adds the removed units' mean contribution to the next bias "
-                   "(FLAP's compensation; needs --calibration)")
+                   "(FLAP's compensation); refit also refits the kept columns of fc2/out_proj by ridge least "
+                   "squares on the calibration activations (both need --calibration)")
     p.add_argument("--untie-proj-out", action="store_true",
                    help="give proj_out its own copy of the token embedding so that it can be pruned apart")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -222,7 +223,8 @@ def _add_statistics_flags(p: argparse.ArgumentParser) -> None:
     d = _field_defaults(CalibrationOptions)
     p.add_argument("--frames", choices=FRAMES, default=d["frames"],
                    help="encoder positions in the statistics: speech only, or the whole 30 s window")
-    p.add_argument("--damp", type=float, default=d["damp"], help="SparseGPT dampening (fraction of mean diag H)")
+    p.add_argument("--damp", type=float, default=d["damp"],
+                   help="SparseGPT dampening and the ridge of --repair refit (fraction of the mean diagonal of H or C)")
     p.add_argument("--block-size", type=_positive_int, default=d["block_size"], help="SparseGPT column block")
 
 

@@ -105,7 +105,7 @@ UNIT_SCORES = ("magnitude", "wanda", "fluctuation", "loss")
 #: scores that rank only structured units
 STRUCTURED_ONLY_SCORES = ("fluctuation", "loss")
 #: what structured pruning may do after removing units (asrprune.structured)
-REPAIRS = ("none", "bias")
+REPAIRS = ("none", "bias", "refit")
 #: the pruning methods that need a calibration pass (activations of the model being pruned)
 CALIBRATED_SCORES = ("wanda", "sparsegpt")
 #: which groupings (scopes) each score supports; the first is the default of an entry without one
@@ -437,9 +437,11 @@ class PrunePlan:
             in results. It decides which groupings the entries may use (:func:`score_scopes`);
             an entry without a scope gets the method's default.
         name: optional label for reports.
-        repair: ``"none"`` or ``"bias"``: after removing structured units, add their mean
-            contribution on the calibration data to the next layer's bias (FLAP's compensation,
-            :mod:`asrprune.structured`); only for plans with structured entries.
+        repair: ``"none"``, ``"bias"`` (after removing structured units, add their mean
+            contribution on the calibration data to the next layer's bias: FLAP's compensation)
+            or ``"refit"`` (also refit the next layer's kept columns by ridge least squares on
+            the calibration activations); :mod:`asrprune.structured`; only for plans with
+            structured entries.
 
     Raises:
         PlanError (ValueError): invalid fields, duplicate selectors, or a global plan whose
@@ -450,7 +452,7 @@ class PrunePlan:
     mode: str = DEFAULT_MODE
     score: str = "magnitude"
     name: str = ""
-    repair: str = "none"  # structured units: "bias" adds what removed units contributed on average
+    repair: str = "none"  # structured units: "bias" adds what removed units contributed on average, "refit" refits
 
     def __post_init__(self) -> None:
         entries = self.entries

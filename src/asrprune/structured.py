@@ -29,10 +29,17 @@ Importance, one-shot, from calibration data kept apart from evaluation (the plan
   cut into :data:`NEURON_GROUPS` equal groups; a neuron's score is its group's loss change, ties
   broken by its energy.
 
-Repair (``repair="bias"``, FLAP's bias compensation): the mean contribution of what is removed
-is added to the next bias, ``fc2.bias += W2[:, removed] @ mean(a_removed)`` for neurons and
-``out_proj.bias += W_o[:, removed] @ mean(x_removed)`` for heads, from the same calibration
-statistics.
+Repair, in the layer that reads the removed units (``fc2`` for neurons, ``out_proj`` for heads),
+from the same calibration statistics (taken on the dense model, like the importances):
+
+- ``repair="bias"`` (FLAP's bias compensation): the mean contribution of what is removed is added
+  to the next bias, ``fc2.bias += W2[:, removed] @ mean(a_removed)`` for neurons and
+  ``out_proj.bias += W_o[:, removed] @ mean(x_removed)`` for heads;
+- ``repair="refit"``: the kept columns and the bias are refitted by ridge least squares so that
+  the layer's output on the calibration tokens is as close as it can be to the dense one:
+  ``W'_K = W_K + W_R C_RK (C_KK + lambda I)^-1`` with the input covariance ``C``, the bias
+  taking the rest of the mean (``lambda``: ``CalibrationOptions.damp`` times the mean of
+  ``diag C_KK``). Without correlation between removed and kept inputs it is ``bias``.
 
 Order: every importance is computed on the dense model first; then heads and neurons are removed,
 then layers; weight entries of the same plan (unstructured) prune the model that results. The
@@ -356,28 +363,54 @@ def _stats_needed(model, targets: Sequence[_Target], score: str) -> tuple[set[st
 # ----------------------------------------------------------------------------------------------
 
 
-def _remove_neurons(layer, remove: Tensor, mean: Tensor | None) -> None:
+def _repair_next(linear: nn.Linear, remove: Tensor, keep: Tensor, st, repair: str, damp: float) -> None:
+    """Compensate, in the layer that reads the removed units (``fc2``, ``out_proj``), for its
+    input columns ``remove`` before they are cut (module docstring, "Repair").
+
+    ``bias``: ``b += W_R mu_R``. ``refit``: the least-squares optimum over the calibration tokens
+    of ``W' a_K + b'`` for the dense ``W a + b``: with the input covariance ``C``,
+    ``W'_K = W_K + W_R C_RK (C_KK + lambda I)^-1`` and ``b' = b + W_R mu_R - (W'_K - W_K) mu_K``,
+    ``lambda = damp * mean(diag C_KK)`` (ridge; fp64). ``bias`` is ``refit`` with ``C_RK = 0``.
+    """
+    if repair == "none" or not len(remove):
+        return
+    w = linear.weight.detach().double()
+    dev = w.device
+    mu = st.mean.to(dev)
+    rm, kp = remove.to(dev), keep.to(dev)
+    comp = w[:, rm] @ mu[rm]
+    new_w = None
+    if repair == "refit":
+        n = max(st.n_tokens, 1)
+        cov = st.gram.to(dev) / n - torch.outer(mu, mu)
+        ckk = cov[kp][:, kp]
+        lam = damp * float(ckk.diagonal().mean()) if damp > 0 else 0.0
+        ckk = ckk + (lam if lam > 0 else 1e-10) * torch.eye(len(kp), dtype=ckk.dtype, device=dev)
+        # delta = W_R C_RK C_KK^-1, solved as C_KK delta^T = C_KR W_R^T
+        delta = torch.linalg.solve(ckk, cov[kp][:, rm] @ w[:, rm].T).T
+        new_w = w[:, kp] + delta
+        comp = comp - delta @ mu[kp]
+    if linear.bias is None:
+        linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=dev))
+    with torch.no_grad():
+        linear.bias += comp.to(linear.bias.dtype)
+        if new_w is not None:
+            linear.weight[:, kp] = new_w.to(linear.weight.dtype)
+
+
+def _remove_neurons(layer, remove: Tensor, st, repair: str, damp: float) -> None:
     keep = torch.tensor(sorted(set(range(layer.fc1.out_features)) - set(remove.tolist())), dtype=torch.long)
-    if mean is not None and len(remove):
-        w2 = layer.fc2.weight.detach().double()
-        comp = (w2[:, remove] @ mean.to(w2.device)[remove]).to(layer.fc2.weight.dtype)
-        if layer.fc2.bias is None:
-            layer.fc2.bias = nn.Parameter(torch.zeros(layer.fc2.out_features, dtype=comp.dtype, device=comp.device))
-        with torch.no_grad():
-            layer.fc2.bias += comp
+    _repair_next(layer.fc2, remove.to(torch.long), keep, st, repair, damp)
     layer.fc1 = shrink_linear(layer.fc1, rows=keep.to(layer.fc1.weight.device))
     layer.fc2 = shrink_linear(layer.fc2, cols=keep.to(layer.fc2.weight.device))
 
 
-def _remove_heads(attn, remove: Sequence[int], mean: Tensor | None) -> None:
+def _remove_heads(attn, remove: Sequence[int], st, repair: str, damp: float) -> None:
     keep_heads = [h for h in range(attn.num_heads) if h not in set(remove)]
     rows = torch.cat([torch.arange(_head_rows(attn, h).start, _head_rows(attn, h).stop) for h in keep_heads])
-    if mean is not None and remove:
+    if remove:
         gone = torch.cat([torch.arange(_head_rows(attn, h).start, _head_rows(attn, h).stop) for h in remove])
-        wo = attn.out_proj.weight.detach().double()
-        comp = (wo[:, gone] @ mean.to(wo.device)[gone]).to(attn.out_proj.weight.dtype)
-        with torch.no_grad():
-            attn.out_proj.bias += comp
+        _repair_next(attn.out_proj, gone, rows, st, repair, damp)
     dev = attn.q_proj.weight.device
     attn.q_proj = shrink_linear(attn.q_proj, rows=rows.to(dev))
     attn.k_proj = shrink_linear(attn.k_proj, rows=rows.to(dev))
@@ -447,10 +480,10 @@ def prune_structured(
         model: Whisper model (its modules are replaced by smaller ones).
         plan: entries with ``unit`` neurons, heads or layers, optionally also weight entries.
         calibration: calibration examples; needed for the scores ``wanda``, ``fluctuation`` and
-            ``loss`` and for ``repair="bias"`` (never evaluation data).
+            ``loss`` and for a repair (never evaluation data).
         options: how the calibration data enters the statistics (its ``frames``).
-        repair: ``none`` or ``bias`` (FLAP's bias compensation; module docstring); default: the
-            plan's ``repair``.
+        repair: ``none``, ``bias`` (FLAP's bias compensation) or ``refit`` (ridge least squares of
+            the next layer; module docstring); default: the plan's ``repair``.
         progress: progress bars of the calibration passes.
 
     Returns:
@@ -470,15 +503,18 @@ def prune_structured(
     n_before = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     targets = structured_targets(model, plan)
     score = plan.score
-    needs_data = score in ("wanda", "fluctuation", "loss") or repair == "bias"
+    needs_data = score in ("wanda", "fluctuation", "loss") or repair != "none"
     if needs_data and not calibration:
-        raise ValueError(f"structured pruning with score {score!r}" + (" and repair 'bias'" if repair == "bias" else "")
+        raise ValueError(f"structured pruning with score {score!r}" + (f" and repair {repair!r}" if repair != "none" else "")
                          + " needs calibration data (CLI: --calibration SOURCE[::ID_PATTERN])")
     stats = {}
     if needs_data:
         wanted, gram = _stats_needed(model, targets, "wanda" if score == "loss" else score)
-        if repair == "bias":
-            wanted |= _stats_needed(model, targets, "fluctuation")[0]
+        if repair != "none":
+            readers = _stats_needed(model, targets, "fluctuation")[0]  # fc2 / out_proj
+            wanted |= readers
+            if repair == "refit":
+                gram |= readers
         stats = collect_input_stats(model, calibration, gram=frozenset(gram), frames=options.frames,
                                     wanted=wanted, progress=progress)
     scores = _importance(model, targets, score, stats, calibration, progress)
@@ -492,16 +528,14 @@ def prune_structured(
         drop = torch.argsort(sc, stable=True)[:k].sort().values
         layer = _ffn(model, t.side, t.layer)
         if t.unit == "neurons":
-            mean = stats[_prefix(model, layer.fc2)].mean if repair == "bias" else None
-            _remove_neurons(layer, drop, mean)
+            _remove_neurons(layer, drop, stats.get(_prefix(model, layer.fc2)), repair, options.damp)
             removed.append({"entry": e.to_text(), "unit": "neurons", "where": t.key, "removed": drop.tolist(),
                             "of": len(sc)})
         else:
             attn = getattr(layer, t.attn)
-            mean = stats[_prefix(model, attn.out_proj)].mean if repair == "bias" else None
             if t.side == "decoder" and t.attn == "encoder_attn":
                 kept_heads[t.layer] = [h for h in range(attn.num_heads) if h not in set(drop.tolist())]
-            _remove_heads(attn, drop.tolist(), mean)
+            _remove_heads(attn, drop.tolist(), stats.get(_prefix(model, attn.out_proj)), repair, options.damp)
             removed.append({"entry": e.to_text(), "unit": "heads", "where": t.key, "removed": drop.tolist(),
                             "of": len(sc)})
     kept_layers = {}
@@ -528,7 +562,7 @@ def prune_structured(
     recorded = record_structure(model)
     n_after = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     structure = {
-        "score": score, "repair": repair, "removed": removed,
+        "score": score, "repair": repair, **({"repair_damp": options.damp} if repair == "refit" else {}), "removed": removed,
         "kept_layers": kept_layers, "params_before": int(n_before), "params_after": int(n_after),
         "size_reduction": 1.0 - n_after / n_before, "shapes": structure_of(model),
         "config_expresses": recorded is None,
