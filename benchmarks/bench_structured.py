@@ -235,7 +235,9 @@ def main(argv=None) -> int:
         size = m["torch_bytes"] if engine.startswith("torch") else _dir_bytes(m["ct2"]["ct2-int8" if engine == "ct2-int8" else "ct2-fp32"], ("model.bin",))
         rows.append({"model": name, "engine": engine, "plan": m["plan"], "params": m["params"], "size_mb": size / 2**20,
                      "audio_s_per_s": audio_s / wall[k], "wall_s": wall[k], "wer": float(e.sum() / w.sum()),
-                     "wer_ci": list(bootstrap_ci(e, w)), "prune_s": m["prune_s"]})
+                     "wer_ci": list(bootstrap_ci(e, w)), "prune_s": m["prune_s"],
+                     # hypotheses with more insertions than the reference has words: repetition loops
+                     "loops": int(sum(s["insertions"] > s["ref_words"] for s in scored))})
     for r in rows:
         ref = ("tiny.en", r["engine"])
         if r["model"] not in ("tiny.en",) and ref in errors:
@@ -244,13 +246,13 @@ def main(argv=None) -> int:
                             "p": float(permutation_pvalue(a, b))}
     print(f"{len(utts)} utterances of {speech.name} ({audio_s:.0f} s audio), {args.threads} threads, load average "
           f"{os.getloadavg()[0]:.1f}")
-    print(f"{'model':16} {'engine':9} {'params':>11} {'size MB':>8} {'audio-s/s':>9} {'WER % [95% CI]':>22}  vs dense tiny.en (same engine)")
+    print(f"{'model':16} {'engine':9} {'params':>11} {'size MB':>8} {'audio-s/s':>9} {'WER % [95% CI]':>22} {'loops':>5}  vs dense tiny.en (same engine)")
     for r in rows:
         vs = r.get("vs_tiny")
         vtxt = "" if not vs else (f"{100 * vs['delta']:+.2f} [{100 * vs['ci'][0]:+.2f}, {100 * vs['ci'][1]:+.2f}] "
                                   f"p={vs['p']:.3g}")
         print(f"{r['model']:16} {r['engine']:9} {r['params']:>11,} {r['size_mb']:8.1f} {r['audio_s_per_s']:9.2f} "
-              f"{100 * r['wer']:7.2f} [{100 * r['wer_ci'][0]:5.2f}, {100 * r['wer_ci'][1]:5.2f}]  {vtxt}")
+              f"{100 * r['wer']:7.2f} [{100 * r['wer_ci'][0]:5.2f}, {100 * r['wer_ci'][1]:5.2f}] {r['loops']:5}  {vtxt}")
     for name, m in models.items():
         if m["ct2_refused"]:
             print(f"{name}: no CTranslate2 rows: {m['ct2_refused'].split(';')[0]}")
