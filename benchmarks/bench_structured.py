@@ -114,6 +114,7 @@ def build(args, work: Path) -> dict[str, dict]:
         struct = (info.get("pruning") or {}).get("structure") or {}
         models[name] = {
             "dir": d, "spec": spec, "plan": VARIANTS.get(name, ("dense", "", ""))[0],
+            "score": VARIANTS.get(name, ("", None, None))[1], "repair": VARIANTS.get(name, ("", None, None))[2],
             "params": struct.get("params_after") or info["saved_sparsity"]["n_parameters"],
             "torch_bytes": _dir_bytes(d, ("model.safetensors", "model.structured.safetensors")),
             "ct2": {sub: (d / sub) if (d / sub / "model.bin").is_file() else None for sub in ("ct2-fp32", "ct2-int8")},
@@ -233,7 +234,7 @@ def main(argv=None) -> int:
         name, engine = k
         m = models[name]
         size = m["torch_bytes"] if engine.startswith("torch") else _dir_bytes(m["ct2"]["ct2-int8" if engine == "ct2-int8" else "ct2-fp32"], ("model.bin",))
-        rows.append({"model": name, "engine": engine, "plan": m["plan"], "params": m["params"], "size_mb": size / 2**20,
+        rows.append({"model": name, "engine": engine, "plan": m["plan"], "score": m["score"], "repair": m["repair"], "params": m["params"], "size_mb": size / 2**20,
                      "audio_s_per_s": audio_s / wall[k], "wall_s": wall[k], "wer": float(e.sum() / w.sum()),
                      "wer_ci": list(bootstrap_ci(e, w)), "prune_s": m["prune_s"],
                      # hypotheses with more insertions than the reference has words: repetition loops
