@@ -119,3 +119,13 @@ def test_collapsed_variant_stops_early_and_completes_on_rerun(tmp_path, shared_d
     assert done["status"] == "ok" and done["summary"]["n_utterances"] == 12
     assert done["summary"]["wer"] == pytest.approx(f["norms"]["summary"]["wer"])
     assert json.loads((stopped / done["run_dir"] / "summary.json").read_text())["throughput"]["resumed_rows"] == c["n_scored"]
+
+
+def test_reproduce_counts_a_collapsed_run_apart_from_a_failed_one():
+    """A collapsed run is a recorded decision: `reproduce` counts it apart and does not fail for it
+    (it exited 1 for a study whose only non-ok runs were collapsed ones)."""
+    from asrprune.cli_study import run_counts
+
+    rows = [{"status": "ok"}, {"status": "collapsed"}, {"status": "collapsed"}, {"status": "failed"}, {}]
+    assert run_counts(rows) == {"ok": 1, "collapsed": 2, "failed": 2}
+    assert run_counts([{"status": "ok"}, {"status": "collapsed"}])["failed"] == 0

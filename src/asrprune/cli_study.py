@@ -448,10 +448,21 @@ def _run_reproduce(args) -> int:
         if info.get("error"):
             line += f": {info['error']}"
         print(line)
-    rows = latest_rows(read_jsonl(args.out / "runs.jsonl")).values()
-    failed = sum(r.get("status") != "ok" for r in rows)
+    rows = list(latest_rows(read_jsonl(args.out / "runs.jsonl")).values())
+    counts = run_counts(rows)
     if d["report"]:
         print(f"wrote {d['report']['markdown']}")
         print(f"wrote {d['report']['html']}")
-    print(f"this session {d['wall_s'] / 60:.1f} min; {len(rows)} runs recorded, {failed} failed; results in {args.out}")
-    return 1 if failed or any(i.get("status") == "failed" for i in d["stages"].values()) else 0
+    print(f"this session {d['wall_s'] / 60:.1f} min; {len(rows)} runs recorded: {counts['ok']} finished, "
+          f"{counts['collapsed']} stopped early as collapsed, {counts['failed']} failed; results in {args.out}")
+    return 1 if counts["failed"] or any(i.get("status") == "failed" for i in d["stages"].values()) else 0
+
+
+def run_counts(rows) -> dict[str, int]:
+    """Runs by outcome: ``ok``, ``collapsed`` (stopped early: a recorded decision, not a
+    failure) and ``failed`` (every other status)."""
+    out = {"ok": 0, "collapsed": 0, "failed": 0}
+    for r in rows:
+        s = r.get("status")
+        out[s if s in ("ok", "collapsed") else "failed"] += 1
+    return out
