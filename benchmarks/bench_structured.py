@@ -223,7 +223,7 @@ def main(argv=None) -> int:
         print(f"  chunk {c + 1}/{len(chunks)} done", file=sys.stderr, flush=True)
 
     rows = []
-    errors = {}
+    errors, looping = {}, {}
     words = None
     for k in keys:
         scored = [score_utterance(u.text, h, normalizer) for u, h in zip(utts, texts[k])]
@@ -231,6 +231,7 @@ def main(argv=None) -> int:
         w = np.array([s["ref_words"] for s in scored], dtype=float)
         words = w
         errors[k] = e
+        looping[k] = np.array([s["insertions"] > s["ref_words"] for s in scored])
         name, engine = k
         m = models[name]
         size = m["torch_bytes"] if engine.startswith("torch") else _dir_bytes(m["ct2"]["ct2-int8" if engine == "ct2-int8" else "ct2-fp32"], ("model.bin",))
@@ -245,6 +246,10 @@ def main(argv=None) -> int:
             a, b = errors[ref], errors[(r["model"], r["engine"])]
             r["vs_tiny"] = {"delta": float((b.sum() - a.sum()) / words.sum()), "ci": list(paired_bootstrap(a, b, words)),
                             "p": float(permutation_pvalue(a, b))}
+            # a reading aid, not the result: the same comparison where neither hypothesis loops
+            keep = ~(looping[ref] | looping[(r["model"], r["engine"])])
+            r["vs_tiny_no_loops"] = {"n": int(keep.sum()), "delta": float((b[keep].sum() - a[keep].sum()) / words[keep].sum()),
+                                     "ci": list(paired_bootstrap(a[keep], b[keep], words[keep]))}
     print(f"{len(utts)} utterances of {speech.name} ({audio_s:.0f} s audio), {args.threads} threads, load average "
           f"{os.getloadavg()[0]:.1f}")
     print(f"{'model':16} {'engine':9} {'params':>11} {'size MB':>8} {'audio-s/s':>9} {'WER % [95% CI]':>22} {'loops':>5}  vs dense tiny.en (same engine)")
