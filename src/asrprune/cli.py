@@ -236,6 +236,7 @@ def _run_prune(args) -> int:
     from .models import load_model, model_fingerprint
     from .prune import prune_model, untie_output_projection
     from .structured import prune_structured
+    from .sweep_spec import needs_calibration
 
     formats = list(dict.fromkeys(args.formats or ["hf"]))
     if args.quantization is not None and "ctranslate2" not in formats:
@@ -251,9 +252,9 @@ def _run_prune(args) -> int:
         if not plan.structured:
             _parser(args).error("--repair applies to structured entries (@neurons, @heads); the plan has none")
         plan = dataclasses.replace(plan, repair=args.repair)
-    calibrated = plan.score in CALIBRATED_SCORES or (plan.structured and (plan.score != "magnitude" or plan.repair != "none"))
+    calibrated = needs_calibration(plan)
     if calibrated and not args.calibration:
-        what = f"--score {plan.score}" if plan.score != "magnitude" else "repair bias"
+        what = f"--score {plan.score}" if plan.score != "magnitude" else f"--repair {plan.repair}"
         _parser(args).error(f"{what} needs --calibration SOURCE[::ID_PATTERN] (never test data)")
     if args.calibration and not calibrated:
         _parser(args).error(f"--calibration is for --score {' or '.join(CALIBRATED_SCORES)} (and the structured "
