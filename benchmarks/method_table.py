@@ -44,7 +44,9 @@ def _level(row: dict) -> str:
 
 
 def _loops(us: list[dict]) -> int:
-    return sum(1 for u in us if not u.get("failed") and (u.get("insertions") or 0) > (u.get("ref_words") or 0))
+    from loop_share import _loops as loop_ids  # one definition of a loop, beside this script
+
+    return len(loop_ids({u["id"]: u for u in us}))
 
 
 def collect(dirs: list[Path]) -> list[dict]:
@@ -95,7 +97,8 @@ def collect(dirs: list[Path]) -> list[dict]:
             us = utt(r)
             e.update(wer=s["wer"], wer_ci=s["wer_ci"], n=s["n_utterances"], loops=_loops(us))
             if b is not None:
-                c = paired(b, r)
+                # the row's own comparison when its sweep's baseline is this one (same counts, checked above)
+                c = r.get("comparison") or paired(b, r)
                 e.update(delta=c["delta_wer"], delta_ci=c["delta_ci"], p=c["p_value"])
             for name, group in (("global", "global"), ("uniform", RULE_OF.get(r.get("group")))):
                 g = ok.get((r["model"], r["dataset"], group, _level(r)))
