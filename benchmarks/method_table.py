@@ -49,9 +49,10 @@ def _loops(us: list[dict]) -> int:
     return len(loop_ids({u["id"]: u for u in us}))
 
 
-def collect(dirs: list[Path]) -> list[dict]:
-    """Every run's row (the latest per run id and directory) with its comparisons."""
-    from asrprune.evaluation import compare
+def read_sweeps(dirs: list[Path]) -> tuple[list[dict], dict]:
+    """The latest row per run id of each sweep directory (``_dir`` added): the pruned runs, and
+    the dense run per (model, set), which must have the same error counts in every directory
+    (pairing a run with another sweep's dense run is only sound when they are the same decoding)."""
     from asrprune.files import latest_rows, read_jsonl
 
     rows, baselines = [], {}
@@ -73,6 +74,25 @@ def collect(dirs: list[Path]) -> list[dict]:
                 baselines.setdefault(key, r)
             else:
                 rows.append(r)
+    return rows, baselines
+
+
+def _not_finished(r: dict, e: dict) -> None:
+    """A run without a WER: a collapsed one keeps its early stop's interim statistics, a failed
+    one its error."""
+    if r["status"] == "collapsed":
+        c = (r.get("summary") or {}).get("collapsed") or {}
+        e.update(n=c.get("n_scored"), delta=c.get("delta"), delta_ci99=c.get("ci"), p=c.get("p"))
+    else:
+        e["error"] = r.get("error")
+
+
+def collect(dirs: list[Path]) -> list[dict]:
+    """Every run's row (the latest per run id and directory) with its comparisons."""
+    from asrprune.evaluation import compare
+    from asrprune.files import read_jsonl
+
+    rows, baselines = read_sweeps(dirs)
 
     def utt(r):
         return list(read_jsonl(r["_dir"] / r["run_dir"] / "utterances.jsonl"))
@@ -106,11 +126,8 @@ def collect(dirs: list[Path]) -> list[dict]:
                     c = paired(g, r)
                     e.update({f"vs_{name}": c["delta_wer"], f"vs_{name}_ci": c["delta_ci"],
                               f"vs_{name}_p": c["p_value"], f"vs_{name}_method": _label(group)})
-        elif r["status"] == "collapsed":
-            c = s.get("collapsed") or {}
-            e.update(n=c.get("n_scored"), delta=c.get("delta"), delta_ci99=c.get("ci"), p=c.get("p"))
         else:
-            e["error"] = r.get("error")
+            _not_finished(r, e)
         out.append(e)
     return out
 
