@@ -9,8 +9,8 @@ from asrprune.decoding import DecodeOptions
 import logging; logging.disable(logging.WARNING)
 spec, ncal, nev = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 model, proc = load_model(spec)
-calib = read_speech_set("/work/shared/data/ljspeech/manifest.jsonl", include="LJ001-*", limit=ncal).utterances
-ev = read_speech_set("/work/shared/data/librispeech_test_other/manifest.jsonl", limit=nev)
+calib = read_speech_set("../shared/data/ljspeech/manifest.jsonl", include="LJ001-*", limit=ncal).utterances
+ev = read_speech_set("../shared/data/librispeech_test_other/manifest.jsonl", limit=nev)
 ex = build_examples(model, proc, calib, progress=False)
 snap = WeightSnapshot(model, device="cpu")
 opts = DecodeOptions(device="cpu", max_new_tokens=200)
