@@ -15,21 +15,27 @@ they are the same decoding. It decodes nothing.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
 from method_table import _cell, _label, _level, _loops, _not_finished, read_sweeps
 
 
-def _calibration_name(sweep_dir: Path, c: dict) -> str:
-    """The calibration set as its sweep spec names it: the source's folder, the id pattern, the
-    number of utterances taken."""
+@functools.cache
+def _calibration_set(sweep_dir: Path) -> str:
+    """The calibration set as the sweep's spec names it: the source's folder and the id pattern."""
     import yaml
 
     spec = (yaml.safe_load((sweep_dir / "sweep.yaml").read_text(encoding="utf-8")) or {}).get("calibration") or {}
     source = Path(str(spec.get("source", "?"))).parent.name
     include = spec.get("include")
-    return f"{source}{'::' + include if include else ''} ({c.get('n_utterances', '?')})"
+    return f"{source}{'::' + include if include else ''}"
+
+
+def _calibration_name(sweep_dir: Path, c: dict) -> str:
+    """The calibration set and the number of utterances taken from it."""
+    return f"{_calibration_set(sweep_dir)} ({c.get('n_utterances', '?')})"
 
 
 def _tokens_per_layer(c: dict, part: str) -> int | None:
@@ -51,7 +57,8 @@ def collect(dirs: list[Path], references: list[Path]) -> list[dict]:
 
     refs = {(r["model"], r["dataset"], r.get("group"), _level(r)): r
             for r in rows if r["_dir"] in references and r["status"] == "ok"}
-    out = []
+    out = [{"model": m, "dataset": d, "method": "dense", "level": "0%", "status": "ok", "wer": b["summary"]["wer"],
+            "wer_ci": b["summary"]["wer_ci"], "n": b["summary"]["n_utterances"]} for (m, d), b in sorted(baselines.items())]
     for r in sorted(rows, key=lambda r: (r["model"], r["dataset"], str(r.get("group")), _level(r), r["_dir"] not in references)):
         cal = r["pruning"]["calibration"]
         full = run_dir(r) / "pruning.json"  # the row keeps the calibration's summary; the file has every matrix
@@ -75,10 +82,6 @@ def collect(dirs: list[Path], references: list[Path]) -> list[dict]:
         else:
             _not_finished(r, e)
         out.append(e)
-    for key, b in sorted(baselines.items()):
-        s = b["summary"]
-        out.insert(0, {"model": key[0], "dataset": key[1], "method": "dense", "level": "0%", "status": "ok",
-                       "wer": s["wer"], "wer_ci": s["wer_ci"], "n": s["n_utterances"]})
     out.sort(key=lambda e: (e["model"], e["dataset"]))  # stable: each dense row stays first
     return out
 
@@ -111,7 +114,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("sweeps", nargs="+", type=Path)
     p.add_argument("--reference", type=Path, action="append", required=True,
-                   help="a sweep whose calibration the others are compared with (repeat it: one per model)")
+                   help="a sweep whose calibration the others are compared with (repeat it: one per model and set)")
     p.add_argument("--markdown", type=Path, default=None, help="write the table here (also printed)")
     p.add_argument("--json", type=Path, default=None, help="write every entry here")
     args = p.parse_args(argv)
