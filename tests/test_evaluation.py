@@ -668,3 +668,51 @@ print("done")
     assert run.returncode == 0 and "done" in run.stdout, run.stderr[-2000:]
     notices = [line for line in run.stderr.splitlines() if "[transformers]" in line or "deprecated" in line.lower()]
     assert notices == []
+
+
+def test_compression_ratio_is_openai_whispers_rule():
+    import zlib
+
+    from asrprune.decoding import compression_ratio
+
+    loop = "the cat sat on the mat " * 20
+    assert compression_ratio(loop) == pytest.approx(len(loop.encode()) / len(zlib.compress(loop.encode())))
+    assert compression_ratio(loop) > 2.4 > compression_ratio("Mister Quilter is the apostle of the middle classes")
+    assert compression_ratio("") == 0.0
+
+
+def test_temperature_fallback_resamples_loops_like_stock_generate(tiny_model, tiny_processor, short_utts, normalizer):
+    """Each hypothesis whose text compresses by more than 2.4 is sampled again, temperature by
+    temperature, exactly as stock ``generate`` samples it under the seed the option names; the
+    rest are the greedy hypotheses; the result does not depend on the batch."""
+    from asrprune.decoding import FALLBACK_COMPRESSION_RATIO, FALLBACK_TEMPERATURES, _fallback_seed, compression_ratio
+    from asrprune.manifests import load_audio
+
+    with pytest.raises(ValueError, match="greedy"):
+        DecodeOptions(temperature_fallback=True, beam_size=2)
+    opts = {**FAST, "max_new_tokens": 40}
+    plain = evaluate(tiny_model, tiny_processor, short_utts, DecodeOptions(**opts), progress=False, normalizer=normalizer)
+    fell = evaluate(tiny_model, tiny_processor, short_utts, DecodeOptions(**opts, temperature_fallback=True),
+                    progress=False, normalizer=normalizer)
+    alone = evaluate(tiny_model, tiny_processor, short_utts, DecodeOptions(**{**opts, "batch_size": 1}, temperature_fallback=True),
+                     progress=False, normalizer=normalizer)
+    assert DecodeOptions(temperature_fallback=True).run_key()["temperature_fallback"] is True
+    assert "temperature_fallback" not in DecodeOptions().run_key()
+    greedy = {r["id"]: r["hypothesis"] for r in plain.rows}
+    assert {r["id"]: r["first_hypothesis"] for r in fell.rows} == greedy
+    assert {r["id"]: r["hypothesis"] for r in alone.rows} == {r["id"]: r["hypothesis"] for r in fell.rows}
+    resampled = 0
+    for u, row in zip(short_utts, fell.rows):
+        text, temperature = greedy[u.id], 0.0
+        feats = tiny_processor.feature_extractor(load_audio(u), sampling_rate=16000, return_tensors="pt").input_features
+        for t in FALLBACK_TEMPERATURES:
+            if compression_ratio(text) <= FALLBACK_COMPRESSION_RATIO:
+                break
+            torch.manual_seed(_fallback_seed(u.id, t))
+            with torch.no_grad():
+                seq = tiny_model.generate(feats, max_new_tokens=40, return_timestamps=False, do_sample=True, temperature=t)
+            text, temperature = tiny_processor.tokenizer.batch_decode(seq, skip_special_tokens=True)[0].strip(), t
+        assert (row["hypothesis"], row["fallback_temperature"]) == (text, temperature), u.id
+        resampled += temperature > 0
+    assert resampled >= 1  # the random model loops on some utterances
+    assert fell.summary["fallback"]["n"] == resampled

@@ -181,6 +181,10 @@ def _add_decode_flags(p: argparse.ArgumentParser, *, study: bool) -> None:
     p.add_argument("--stop-repetitions", type=_positive_int, default=d["stop_repetitions"], metavar="K",
                    help="end a hypothesis once one n-gram (n <= 8) repeats K times in a row (off by default; "
                    "it lowers the WER of looping hypotheses and is recorded with the result)")
+    p.add_argument("--temperature-fallback", action="store_true", default=d["temperature_fallback"],
+                   help="Whisper's temperature fallback with its compression rule: a hypothesis whose text "
+                   "compresses by more than 2.4 (a loop) is sampled again at 0.2, 0.4, ..., 1.0, seeded "
+                   "(off by default; greedy only; recorded with the result)")
 
 
 def _decode_options(args, protocol: str = "standard", **more):
@@ -188,7 +192,8 @@ def _decode_options(args, protocol: str = "standard", **more):
     from .decoding import DecodeOptions
 
     fields = {"batch_size": args.batch_size, "dtype": args.dtype, "device": args.device,
-              "max_new_tokens": args.max_new_tokens, "stop_repetitions": args.stop_repetitions, **more}
+              "max_new_tokens": args.max_new_tokens, "stop_repetitions": args.stop_repetitions,
+              "temperature_fallback": args.temperature_fallback, **more}
     return DecodeOptions(protocol=protocol, **fields)
 
 

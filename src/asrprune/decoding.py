@@ -41,6 +41,7 @@ import hashlib
 import json
 import logging
 import os
+import zlib
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -68,6 +69,9 @@ __all__ = [
     "Decoder",
     "DiskEncoderCache",
     "EncoderCache",
+    "FALLBACK_COMPRESSION_RATIO",
+    "FALLBACK_TEMPERATURES",
+    "compression_ratio",
     "generate_kwargs",
     "loaded_batches",
     "max_new_tokens_for",
@@ -124,6 +128,15 @@ class DecodeOptions:
             looping hypothesis keeps its first repetitions only, so its insertions, and with them
             the WER of a collapsed model, fall: the option changes results and is recorded
             (short-form decoding; long-form keeps transformers' own loop).
+        temperature_fallback: Whisper's temperature fallback, as OpenAI's ``transcribe`` runs it
+            with its compression rule: a short-form hypothesis whose text compresses (zlib) by
+            more than :data:`FALLBACK_COMPRESSION_RATIO` (a repetition loop) is decoded again by
+            sampling at each of :data:`FALLBACK_TEMPERATURES` in turn, seeded by the utterance id
+            and the temperature, until one compresses by at most that ratio; when none does, the
+            last is kept (as ``transcribe`` does). Greedy search only; OpenAI's log-probability
+            and no-speech rules are not applied; long-form utterances are decoded as without it.
+            Off by default; it changes results and is recorded, and each row keeps the
+            temperature that gave its hypothesis and the first (greedy) hypothesis.
 
     Raises:
         ValueError: naming the bad field and the allowed values.
@@ -139,8 +152,13 @@ class DecodeOptions:
     num_workers: int = 2
     long_form_batch_size: int = 4
     stop_repetitions: int | None = None
+    temperature_fallback: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.temperature_fallback, bool):
+            raise ValueError(f"temperature_fallback must be true or false, got {self.temperature_fallback!r}")
+        if self.temperature_fallback and self.beam_size != 1:
+            raise ValueError(f"temperature_fallback works with greedy search only (beam_size 1), got beam_size={self.beam_size}")
         if self.stop_repetitions is not None and (isinstance(self.stop_repetitions, bool) or not isinstance(
                 self.stop_repetitions, int) or self.stop_repetitions < 2):
             raise ValueError(f"stop_repetitions must be an integer >= 2 or None, got {self.stop_repetitions!r}")
@@ -188,6 +206,7 @@ class DecodeOptions:
             "language": self.language,
             # only when set: older run keys stay valid
             **({"stop_repetitions": self.stop_repetitions} if self.stop_repetitions is not None else {}),
+            **({"temperature_fallback": True} if self.temperature_fallback else {}),
         }
 
 
@@ -425,6 +444,20 @@ def loaded_batches(
 
 
 REPETITION_MAX_NGRAM = 8
+#: OpenAI Whisper's ``transcribe`` defaults (``compression_ratio_threshold``, ``temperature``)
+FALLBACK_COMPRESSION_RATIO = 2.4
+FALLBACK_TEMPERATURES = (0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def compression_ratio(text: str) -> float:
+    """Bytes of the text over bytes of its zlib compression (OpenAI Whisper's rule; 0 for "")."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def _fallback_seed(utt_id: str, temperature: float) -> int:
+    digest = hashlib.sha256(f"{utt_id}\0{temperature:.2f}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 class _RepetitionStop:
@@ -634,14 +667,17 @@ class Decoder:
                     sequences = self.model.generate(input_features=features, attention_mask=frames_mask, **kwargs)
         if isinstance(sequences, dict) or hasattr(sequences, "sequences"):
             sequences = sequences["sequences"]
-        texts = self.processor.tokenizer.batch_decode(sequences, skip_special_tokens=True)
-        if self.pad_id is not None:  # pad == eos for Whisper: counts the tokens before end-of-text
-            n_tokens = (sequences != self.pad_id).sum(-1).tolist()
-        else:
-            n_tokens = [sequences.shape[-1]] * len(ids)
+        texts, n_tokens = self._texts(sequences)
+        fallback = None
+        if self.options.temperature_fallback and not long_form:
+            fallback = [self._fallback(ids[k], enc, features[k:k + 1], kwargs, texts[k], n_tokens[k], k)
+                        for k in range(len(ids))]
         forced = kwargs.get("language")
         out = []
         for k in range(len(ids)):
+            first = texts[k].strip()
+            if fallback is not None:
+                texts[k], n_tokens[k], temperature = fallback[k]
             out.append({
                 "hypothesis": texts[k].strip(),
                 "n_tokens": int(n_tokens[k]),
@@ -650,4 +686,43 @@ class Decoder:
                 "language_detected": detected[k],
                 "long_form": long_form,
             })
+            if self.options.temperature_fallback:
+                out[-1].update(fallback_temperature=temperature if fallback is not None else 0.0,
+                               first_hypothesis=first)
         return out
+
+    def _texts(self, sequences: torch.Tensor) -> tuple[list[str], list[int]]:
+        """Decoded texts and token counts (tokens before end-of-text) of generated sequences."""
+        texts = self.processor.tokenizer.batch_decode(sequences, skip_special_tokens=True)
+        if self.pad_id is not None:  # pad == eos for Whisper: counts the tokens before end-of-text
+            n_tokens = (sequences != self.pad_id).sum(-1).tolist()
+        else:
+            n_tokens = [sequences.shape[-1]] * sequences.shape[0]
+        return texts, [int(n) for n in n_tokens]
+
+    def _fallback(self, utt_id: str, enc: BaseModelOutput, features: torch.Tensor, kwargs: dict,
+                  text: str, n_tokens: int, k: int) -> tuple[str, int, float]:
+        """(text, tokens, temperature) after Whisper's temperature fallback for utterance ``k`` of
+        the batch (see ``DecodeOptions.temperature_fallback``)."""
+        temperature = 0.0
+        one = BaseModelOutput(last_hidden_state=enc.last_hidden_state[k:k + 1])
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        for t in FALLBACK_TEMPERATURES:
+            if compression_ratio(text.strip()) <= FALLBACK_COMPRESSION_RATIO:
+                break
+            sampled = {**kwargs, "do_sample": True, "temperature": t, "num_beams": 1}
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(_fallback_seed(utt_id, t))
+                try:
+                    sequences = self._generate_short(one, features.shape[-1], sampled)
+                except TypeError as exc:  # timestamp tokens of a damaged model (see decode)
+                    if "NoneType" not in str(exc):
+                        raise
+                    mask = torch.ones(1, features.shape[-1], dtype=torch.long, device=self.device)
+                    with _swapped_generation_config(self.model, self.long_gc):
+                        sequences = self.model.generate(input_features=features, attention_mask=mask, **sampled)
+            if isinstance(sequences, dict) or hasattr(sequences, "sequences"):
+                sequences = sequences["sequences"]
+            texts, counts = self._texts(sequences)
+            text, n_tokens, temperature = texts[0], counts[0], t
+        return text, n_tokens, temperature

@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from .audio import AudioError
 from .early_stop import EarlyStop
 from .evidence import is_scored, paired_change
-from .decoding import SAMPLING_RATE, DecodeOptions, Decoder, EncoderCache, generate_kwargs, loaded_batches
+from .decoding import (FALLBACK_COMPRESSION_RATIO, SAMPLING_RATE, DecodeOptions, Decoder, EncoderCache,
+                       compression_ratio, generate_kwargs, loaded_batches)
 from .files import OutputLock, append_jsonl, atomic_write_json, atomic_write_text, env_stamp, prepare_out_dir, read_json, read_jsonl
 from .manifests import Utterance
 from .models import model_fingerprint
@@ -161,6 +162,11 @@ def _summarize(
     flagged = [r for r in scored if r.get("hallucination")]
     out["n_hallucination"] = len(flagged)
     out["hallucination_ids"] = [r["id"] for r in flagged][:50]
+    if any("fallback_temperature" in r for r in scored):  # decoded with temperature fallback
+        fell = [r for r in scored if r.get("fallback_temperature")]
+        out["fallback"] = {"n": len(fell), "ids": [r["id"] for r in fell][:50],
+                           "unresolved": sum(compression_ratio(r["hypothesis"]) > FALLBACK_COMPRESSION_RATIO
+                                             for r in fell)}
     out["n_empty_reference"] = len(empty)
     out["empty_reference"] = {"policy": empty_reference, "n": len(empty), "ids": empty[:50],
                               "scored": empty_reference == "score"}
@@ -751,6 +757,7 @@ def _evaluate(model, processor, utterances, options: DecodeOptions, *, out_path:
                 "hallucination_reason": reason,
                 "failed": False,
                 "failure": None,
+                **{k: dec[k] for k in ("fallback_temperature", "first_hypothesis") if k in dec},
             })
         return rows
 
@@ -839,6 +846,7 @@ def _evaluate(model, processor, utterances, options: DecodeOptions, *, out_path:
         "languages": stats["languages"],
         "n_hallucination": stats["n_hallucination"],
         "hallucination_ids": stats["hallucination_ids"],
+        **({"fallback": stats["fallback"]} if "fallback" in stats else {}),
         "n_empty_reference": stats["n_empty_reference"],
         "empty_reference": stats["empty_reference"],
         "max_failed_fraction": max_failed_fraction,
