@@ -106,5 +106,8 @@ def test_env_stamp_keys_and_no_torch_needed():
     stamp = env_stamp("cpu")
     for key in ("asrprune", "torch", "transformers", "jiwer", "python", "platform", "cpu_count", "time_utc", "device"):
         assert key in stamp
+    import torch
+
+    assert stamp["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     code = "import sys; from asrprune.files import env_stamp; env_stamp(); assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO / "src")})

@@ -158,7 +158,8 @@ class DecodeOptions:
         if not isinstance(self.temperature_fallback, bool):
             raise ValueError(f"temperature_fallback must be true or false, got {self.temperature_fallback!r}")
         if self.temperature_fallback and self.beam_size != 1:
-            raise ValueError(f"temperature_fallback works with greedy search only (beam_size 1), got beam_size={self.beam_size}")
+            raise ValueError("temperature_fallback (--temperature-fallback) works with greedy search only "
+                             f"(beam_size 1), got beam_size={self.beam_size} (--beam-size)")
         if self.stop_repetitions is not None and (isinstance(self.stop_repetitions, bool) or not isinstance(
                 self.stop_repetitions, int) or self.stop_repetitions < 2):
             raise ValueError(f"stop_repetitions must be an integer >= 2 or None, got {self.stop_repetitions!r}")

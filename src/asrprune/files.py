@@ -395,12 +395,25 @@ def _version(name: str) -> str | None:
         return None
 
 
+def _cpu_model() -> str | None:
+    """The CPU's model name as the kernel reports it (Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() or None
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def env_stamp(device: str | None = None) -> dict[str, Any]:
     """Versions and machine facts recorded with every result (torch is not imported for it).
 
     Keys: ``asrprune``, ``torch``, ``transformers``, ``jiwer``, ``numpy``, ``ctranslate2``
-    (installed versions), ``python``, ``platform``, ``cpu_count``, ``torch_threads`` (when torch
-    is loaded), ``device`` (+ ``cuda_device``, ``cuda`` on a GPU), ``time_utc``.
+    (installed versions), ``python``, ``platform``, ``cpu_count``, ``cpu_model`` (when known),
+    ``torch_threads`` and ``cpu_capability`` (when torch is loaded), ``device`` (+ ``cuda_device``,
+    ``cuda`` on a GPU), ``time_utc``.
     """
     stamp: dict[str, Any] = {pkg: _version(pkg) for pkg in _STAMP_PACKAGES}
     stamp.update(
@@ -409,9 +422,15 @@ def env_stamp(device: str | None = None) -> dict[str, Any]:
         cpu_count=os.cpu_count(),
         time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
+    cpu = _cpu_model()
+    if cpu:
+        stamp["cpu_model"] = cpu
     torch = sys.modules.get("torch")
     if torch is not None:
         stamp["torch_threads"] = torch.get_num_threads()
+        # which vectorised kernels torch picked (DEFAULT, AVX2, AVX512...): float results, and with
+        # them a SparseGPT pruning, can differ in the last bits between machines that differ here
+        stamp["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     if device is not None:
         stamp["device"] = str(device)
         if str(device).startswith("cuda") and torch is not None and torch.cuda.is_available():
