@@ -52,14 +52,16 @@ def _loops(us: list[dict]) -> int:
 def read_sweeps(dirs: list[Path]) -> tuple[list[dict], dict]:
     """The latest row per run id of each sweep directory (``_dir`` added): the pruned runs, and
     the dense run per (model, set), which must have the same error counts in every directory
-    (pairing a run with another sweep's dense run is only sound when they are the same decoding)."""
+    (pairing a run with another sweep's dense run is only sound when they are the same decoding).
+    A run id met again in a later directory (a sweep resumed from a copy of another) is the same
+    run and is counted once: from the first directory where it finished, else the first one."""
     from asrprune.files import latest_rows, read_jsonl
 
-    rows, baselines = [], {}
+    rows, baselines = {}, {}
     for d in dirs:
         if not (d / "runs.jsonl").is_file():
             raise SystemExit(f"{d}: no runs.jsonl (not a sweep directory)")
-        for r in latest_rows(read_jsonl(d / "runs.jsonl")).values():
+        for run_id, r in latest_rows(read_jsonl(d / "runs.jsonl")).items():
             r = {**r, "_dir": d}
             if r.get("variant") == "baseline":
                 if r.get("status") != "ok":
@@ -72,9 +74,9 @@ def read_sweeps(dirs: list[Path]) -> tuple[list[dict], dict]:
                                      f"(WER {100 * old['summary']['wer']:.2f} vs {100 * r['summary']['wer']:.2f}); "
                                      "pair runs within one sweep instead")
                 baselines.setdefault(key, r)
-            else:
-                rows.append(r)
-    return rows, baselines
+            elif run_id not in rows or (r.get("status") == "ok" and rows[run_id].get("status") != "ok"):
+                rows[run_id] = r
+    return list(rows.values()), baselines
 
 
 def _not_finished(r: dict, e: dict) -> None:
